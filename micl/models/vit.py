@@ -1,0 +1,103 @@
+"""A ViT encoder that runs only the patches it is given (timm's PatchEmbed and Block).
+
+MiCL at r = 0.9 on 224/16 feeds the blocks 9 patch tokens + 1 cls token per view instead of
+197, which is where its speed comes from; this module makes that the normal path.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from micl.config import ModelConfig
+from micl.models.pos_embed import sincos_2d
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: [B, L, D], idx: [B, k] -> [B, k, D] (the tokens of the kept patches)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class MaskedViT(nn.Module):
+    """ViT with a learnable cls token and a fixed sin-cos position embedding.
+
+    `forward(images, idx)` encodes, per sample, only the patches listed in `idx` and returns
+    the cls output after the final LayerNorm ([B, D]); `idx=None` encodes the whole image.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 depth: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        grid = img_size // patch_size
+        self.register_buffer("pos_embed", sincos_2d(grid, embed_dim).unsqueeze(0))  # [1, L, D]
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
+            for _ in range(depth)
+        )
+        self.norm = norm(embed_dim)
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, m: ModelConfig) -> MaskedViT:
+        dim, depth, heads = m.dims()
+        return cls(m.img_size, m.patch_size, m.in_chans, dim, depth, heads, m.mlp_ratio)
+
+    def _init_weights(self) -> None:
+        # MAE: patch projection initialised like a Linear layer, cls ~ N(0, .02), xavier Linears.
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [B, C, H, W] -> patch tokens with position: [B, L, D]."""
+        return self.patch_embed(images) + self.pos_embed
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, k, D] (already position-embedded) -> normed [B, 1 + k, D], cls first."""
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_features(self, images: torch.Tensor, idx: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """All output tokens [B, 1 + k, D] for the patches in idx ([B, k]; None = all)."""
+        tokens = self.embed_patches(images)
+        if idx is not None:
+            tokens = gather_tokens(tokens, idx)
+        return self.forward_tokens(tokens)
+
+    def forward(self, images: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_features(images, idx)[:, 0]
+
+    def forward_views(self, images: torch.Tensor, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """cls outputs [B, D] of several views of the same images, in one pass through the blocks
+        when the views have equal size (patch embedding is computed once)."""
+        tokens = self.embed_patches(images)
+        gathered = [gather_tokens(tokens, v) for v in views]
+        if len({g.shape[1] for g in gathered}) == 1:
+            out = self.forward_tokens(torch.cat(gathered, dim=0))[:, 0]  # [V*B, D]
+            return list(out.chunk(len(views), dim=0))
+        return [self.forward_tokens(g)[:, 0] for g in gathered]
+
+    def no_weight_decay_names(self) -> set[str]:
+        return {"cls_token"}
