@@ -115,6 +115,7 @@ class RunSettings:
     eval_every: int = 1  # epochs between kNN evaluations (the last epoch always evaluates)
     keep_last: int = 2
     max_failures: int = 0
+    torch_threads: int | None = None  # intra-op threads per training worker (None: Ray's choice)
 
 
 @dataclass

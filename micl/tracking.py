@@ -1,0 +1,122 @@
+"""MLflow: where the store is, one run per training run (kept across resumes), and logging that
+never takes the training down with it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from micl.config import Config, to_yaml
+
+RUN_NAME_TAG = "micl.run_name"  # the Ray Train run name: resuming it reuses the MLflow run
+ROLE_TAG = "micl.role"  # "train", "search" (a Tune parent) or "trial" (a Tune child)
+
+
+def tracking_uri(cfg: Config | None = None) -> str:
+    """Config, then $MLFLOW_TRACKING_URI, then sqlite:///<cwd>/mlflow.db (absolute, because Ray
+    workers run in another directory; MLflow 3 no longer accepts a ./mlruns file store)."""
+    uri = (cfg.run.tracking_uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        return uri
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        # Next to the database, absolute: the default ./mlartifacts depends on the cwd.
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def start_or_resume_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None,
+                        parent_run_id: str | None = None) -> str:
+    """The MLflow run of this Ray Train run: reused when a run with the same name exists (a
+    resumed run keeps one MLflow history), else created with the flattened config as params."""
+    uri = tracking_uri(cfg)
+    client = _client(uri)
+    exp_id = get_or_create_experiment(uri, cfg.run.experiment)
+    found = client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {RUN_NAME_TAG: run_name, ROLE_TAG: "train", "mlflow.runName": run_name,
+                **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    log_params(client, run.info.run_id, cfg.flat())
+    return run.info.run_id
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+class RunLogger:
+    """Rank-0 metric logging to one MLflow run. A failing store (server down, disk full) is
+    reported once as a warning and training goes on; the metrics still reach Ray Train."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.failed = False
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 — tracking must never stop training
+            self.failed = True
+            warnings.warn(f"MLflow ({self.uri}) failed while logging {what}: {e}. Training "
+                          "continues; metrics are not being recorded in MLflow from now on "
+                          "(they stay in the Ray Train result).", stacklevel=2)
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        def log() -> None:
+            import time
+
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                     if isinstance(v, int | float)]
+            _client(self.uri).log_batch(self.run_id, metrics=items)
+
+        self._guard("metrics", log)
+
+    def artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self._guard(f"artifact {local_path}", lambda: _client(self.uri).log_artifact(
+            self.run_id, str(local_path), artifact_path))
+
+    def text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(text)
+            self.artifact(p)
+
+    def config(self, cfg: Config) -> None:
+        self.text(to_yaml(cfg), "config.yaml")
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._guard("run status", lambda: _client(self.uri).set_terminated(self.run_id, status))
