@@ -96,7 +96,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     epochs: int = 200
-    warmup_epochs: float = 10
+    warmup_epochs: float = 10.0
     grad_accum_steps: int = 1
     clip_grad: float | None = None
 

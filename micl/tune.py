@@ -1,0 +1,160 @@
+"""Ray Tune over the pre-training pipeline (Ray Train V2 style).
+
+Each trial is a function that builds and fits a `TorchTrainer` for its config; the trainer's
+reports reach Tune through `TuneReportCallback`. Trials are ranked by a downstream metric
+(`knn_top1`), never by the contrastive loss: losses at different temperatures don't compare.
+One MLflow parent run records the search; each trial is a child run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from micl.config import Config, to_yaml
+from micl.pretrain import build_trainer, connect_ray, storage_path
+from micl.tracking import ROLE_TAG, RunLogger, _client, start_or_resume_run, tracking_uri
+from micl.tune_space import SearchSpace, apply_trial_params
+
+SEARCH_TAG = "micl.search"  # the search name, on the parent and on every trial
+
+
+@dataclass
+class SearchResult:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    best_params: dict[str, Any]
+    best_metric: float | None
+    trials: list[dict[str, Any]]  # per trial: params, metric, epochs trained, status
+    path: str
+
+
+def concurrent_trials(cfg: Config, space: SearchSpace) -> int:
+    """How many trials fit at once while leaving every trial's Ray Data a CPU of its own."""
+    if space.max_concurrent_trials:
+        return space.max_concurrent_trials
+    res = ray.cluster_resources()
+    per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + max(cfg.data.data_cpus, 1)
+    fits = int(res.get("CPU", 1) // per_trial_cpu)
+    if cfg.run.use_gpu:
+        fits = min(fits, int(res.get("GPU", 0) // max(cfg.run.num_workers, 1)))
+    return max(1, min(fits, space.num_trials()))
+
+
+def _scheduler(space: SearchSpace, cfg: Config):
+    if space.scheduler == "fifo":
+        return None
+    # Rungs at 1, 2, 4, ... epochs; keep the top half at each rung.
+    return tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
+                                         grace_period=1, reduction_factor=2)
+
+
+def _search_alg(space: SearchSpace, concurrency: int):
+    if space.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return tune.search.ConcurrencyLimiter(OptunaSearch(), max_concurrent=concurrency)
+    return None  # random / grid: Tune's BasicVariantGenerator
+
+
+def make_trainable(base: Config, search_name: str, parent_run_id: str):
+    def train_trial(params: dict[str, Any]) -> None:
+        cfg = apply_trial_params(base, params)
+        trial_id = tune.get_context().get_trial_id()
+        cfg.run.name = f"{search_name}-{trial_id}"  # stable per trial: a restarted trial resumes
+        cfg.run.eval_every = 1  # the scheduler compares trials every epoch
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        run_id = start_or_resume_run(cfg, cfg.run.name, parent_run_id=parent_run_id,
+                                     tags={ROLE_TAG: "trial", SEARCH_TAG: search_name,
+                                           "micl.trial_id": trial_id})
+        trainer = build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()])
+        trainer.fit()
+        RunLogger(tracking_uri(cfg), run_id).end("FINISHED")
+
+    return train_trial
+
+
+def _parent_run(base: Config, name: str, space: SearchSpace) -> str:
+    parent = start_or_resume_run(base, name, tags={ROLE_TAG: "search", SEARCH_TAG: name})
+    logger = RunLogger(tracking_uri(base), parent)
+    logger.text(to_yaml(base), "base_config.yaml")
+    import yaml
+
+    logger.text(yaml.safe_dump(space.to_dict(), sort_keys=False), "search_space.yaml")
+    client = _client(tracking_uri(base))
+    for key, value in (("search.scheduler", space.scheduler), ("search.algorithm", space.search),
+                       ("search.metric", space.metric), ("search.num_trials",
+                                                          space.num_trials())):
+        client.set_tag(parent, key, str(value))
+    return parent
+
+
+def _close_stopped_children(uri: str, parent_run_id: str, experiment: str) -> None:
+    """Trials stopped by the scheduler die before their run is ended: mark them KILLED."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    children = client.search_runs([exp.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    for run in children:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_search(base: Config, space: SearchSpace, name: str | None = None) -> SearchResult:
+    """Run (or resume, when `name` names an interrupted search) a Tune search over `space`."""
+    import time
+
+    connect_ray()
+    name = name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = tracking_uri(base)
+    parent = _parent_run(base, name, space)
+    root = storage_path(base)
+    trainable = tune.with_resources(make_trainable(base, name, parent),
+                                    {"cpu": 0, "memory": 64 * 2**20})
+    concurrency = concurrent_trials(base, space)
+    path = f"{root.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"[micl] resuming search {name} from {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.to_tune(),
+            tune_config=tune.TuneConfig(
+                metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+                scheduler=_scheduler(space, base), search_alg=_search_alg(space, concurrency),
+                max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, storage_path=root, verbose=0),
+        )
+    results = tuner.fit()
+    _close_stopped_children(uri, parent, base.run.experiment)
+
+    trials = []
+    for r in results:
+        metrics = r.metrics or {}
+        trials.append({"params": {k: v for k, v in (r.config or {}).items()},
+                       space.metric: metrics.get(space.metric),
+                       "epochs": metrics.get("epoch"), "error": str(r.error) if r.error else None})
+    scored = [t for t in trials if _finite(t[space.metric])]
+    best = (max if space.mode == "max" else min)(scored, key=lambda t: t[space.metric],
+                                                 default=None)
+    client = _client(uri)
+    if best is not None:
+        client.log_metric(parent, f"best_{space.metric}", best[space.metric])
+        client.set_tag(parent, "search.best_params", str(best["params"]))
+    client.set_terminated(parent, "FINISHED" if best is not None else "FAILED")
+    return SearchResult(name=name, parent_run_id=parent, tracking_uri=uri,
+                        best_params=best["params"] if best else {},
+                        best_metric=best[space.metric] if best else None,
+                        trials=trials, path=str(Path(path)) if "://" not in path else path)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)

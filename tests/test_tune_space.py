@@ -1,0 +1,153 @@
+"""Search spaces: the shipped YAML files load, malformed spaces fail before Ray starts with a
+message naming the field, and the Tune param space has the expected trials."""
+
+from pathlib import Path
+
+import pytest
+
+from micl.config import Config, ConfigError, load_config
+from micl.tune_space import SearchSpace, apply_trial_params, load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = {"method.mask_ratio": {"grid": [0.75, 0.9]}, "method.temperature": {"grid": [0.05, 0.1]}}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_grid_space_loads_with_defaults():
+    space = load_space(ROOT / "tune_spaces/mask_ratio_temperature.yaml")
+    assert set(space.params) == {"method.mask_ratio", "method.temperature"}
+    assert space.metric == "knn_top1" and space.mode == "max"
+    assert space.scheduler == "asha" and space.search == "random"
+    assert space.num_trials() == 9
+    assert space.to_dict()["num_trials"] == 9
+
+
+def test_shipped_random_space_loads():
+    space = load_space(ROOT / "tune_spaces/mask_ratio_temperature_lr_kappa.yaml")
+    assert {"optim.blr", "method.kappa"} <= set(space.params)
+    assert next(iter(space.params["optim.blr"])) == "loguniform"
+    assert space.search == "random"
+    assert space.num_trials() == space.num_samples > 1
+
+
+def test_to_tune_gives_every_grid_point():
+    from ray.tune.search.variant_generator import generate_variants
+
+    space = parse_space({"params": GRID, "num_samples": 3})
+    param_space = space.to_tune()
+    assert param_space["method.mask_ratio"] == {"grid_search": [0.75, 0.9]}
+    variants = [cfg for _, cfg in generate_variants(param_space)]
+    assert len(variants) == 4  # Tune expands one grid per sample
+    assert {(v["method.mask_ratio"], v["method.temperature"]) for v in variants} == {
+        (0.75, 0.05), (0.75, 0.1), (0.9, 0.05), (0.9, 0.1)}
+    assert space.num_trials() == 4 * 3
+
+
+def test_to_tune_samplers_stay_in_range():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = parse_space({"params": {
+        "optim.blr": {"loguniform": ["1e-5", 1.0e-3]},  # YAML 1.1 text form is accepted
+        "method.kappa": {"choice": [0, 0.25]},
+        "method.mask_ratio": {"uniform": [0.5, 0.9]},
+        "run.seed": {"randint": [2, 5]},
+    }, "num_samples": 5})
+    ps = space.to_tune()
+    assert isinstance(ps["optim.blr"], Float) and isinstance(ps["method.kappa"], Categorical)
+    assert isinstance(ps["run.seed"], Integer)
+    assert space.params["optim.blr"] == {"loguniform": [1e-5, 1e-3]}
+    assert space.params["method.kappa"] == {"choice": [0.0, 0.25]}  # stored as the config's float
+    for _ in range(20):
+        assert 1e-5 <= ps["optim.blr"].sample() <= 1e-3
+        assert 0.5 <= ps["method.mask_ratio"].sample() <= 0.9
+        assert 2 <= ps["run.seed"].sample() < 5
+    assert space.num_trials() == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("params:\n  method.mask_ratoi: {grid: [0.5]}\n",
+         ["params.method.mask_ratoi", "unknown config field", "method.mask_ratio"]),
+        ("params:\n  method: {grid: [0.5]}\n", ["params.method", "dotted"]),
+        ("params:\n  optim.blr: {uniform: [1.0e-3, 1.0e-4]}\n", ["params.optim.blr", "< high"]),
+        ("params:\n  optim.blr: {loguniform: [0.0, 1.0e-4]}\n", ["params.optim.blr", "> 0"]),
+        ("params:\n  method.kappa: {choice: []}\n", ["params.method.kappa", "non-empty"]),
+        ("params:\n  method.mask_ratio: {grid: [0.5, 1.5]}\n",
+         ["params.method.mask_ratio", "1.5", "must be in (0, 1)"]),
+        ("params:\n  method.mask_ratio: {uniform: [0.5, 0.99]}\n",
+         ["params.method.mask_ratio", "high 0.99", "patches per view"]),
+        ("params:\n  method.temperature: {grid: [hot]}\n", ["params.method.temperature", "hot"]),
+        ("params:\n  method.temperature: {normal: [0.1, 0.2]}\n",
+         ["params.method.temperature", "unknown spec kind", "normal"]),
+        ("params:\n  method.temperature: [0.1, 0.2]\n", ["params.method.temperature", "grid"]),
+        ("params:\n  optim.epochs: {uniform: [2, 5]}\n", ["params.optim.epochs", "expected a int"]),
+        ("params: {}\n", ["params", "non-empty"]),
+        (f"params: {GRID}\nmetric: loss\n", ["metric", "loss", "not comparable", "temperature"]),
+        (f"params: {GRID}\nscheduler: hyperband\n", ["scheduler", "hyperband", "asha"]),
+        (f"params: {GRID}\nsearch: bayes\n", ["search", "bayes", "optuna"]),
+        (f"params: {GRID}\nsearch: optuna\n", ["search", "optuna", "grid"]),
+        (f"params: {GRID}\nmode: best\n", ["mode", "best"]),
+        (f"params: {GRID}\nnum_samples: 0\n", ["num_samples", ">= 1"]),
+        (f"params: {GRID}\nnum_sample: 2\n", ["num_sample", "unknown key", "num_samples"]),
+        ("- method.mask_ratio\n", ["mapping"]),
+        ("params: [unclosed\n", ["not valid YAML"]),
+    ],
+)
+def test_malformed_space_names_the_problem(tmp_path, text, needles):
+    with pytest.raises(ConfigError) as info:
+        load_space(write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message.strip() or "YAML" in message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_values_are_checked_against_the_base_config():
+    # 0.95 leaves 1 patch per view of 49 (28 px, patch 4) but none of 25 (20 px, patch 4).
+    text = {"params": {"method.mask_ratio": {"grid": [0.75, 0.95]}}}
+    assert parse_space(text).num_trials() == 2
+    small = load_config(flat_overrides={"model.img_size": 20})
+    with pytest.raises(ConfigError, match="grid value 0.95 .* 25 patches"):
+        parse_space(text, base=small)
+
+
+def test_apply_trial_params_returns_a_validated_copy():
+    base = load_config(flat_overrides={"optim.epochs": 3, "optim.warmup_epochs": 1})
+    cfg = apply_trial_params(base, {"method.mask_ratio": 0.75, "method.temperature": 0.1,
+                                    "optim.blr": "1e-4"})
+    assert (cfg.method.mask_ratio, cfg.method.temperature, cfg.optim.blr) == (0.75, 0.1, 1e-4)
+    assert cfg.optim.epochs == 3  # the base's other values are kept
+    assert base.method.mask_ratio == 0.9  # the base is not changed
+    with pytest.raises(ConfigError, match="method.mask_ratio"):
+        apply_trial_params(base, {"method.mask_ratio": 1.5})
+    with pytest.raises(ConfigError, match="method.temprature"):
+        apply_trial_params(base, {"method.temprature": 0.1})
+
+
+def test_apply_trial_params_accepts_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    cfg = apply_trial_params(Config(), {"method.kappa": np.float64(0.25),
+                                        "optim.epochs": np.int64(20)})
+    assert cfg.method.kappa == 0.25 and cfg.optim.epochs == 20
+    assert type(cfg.optim.epochs) is int
+
+
+def test_space_round_trips_through_to_dict():
+    space = parse_space({"params": GRID, "scheduler": "fifo", "max_concurrent_trials": 2})
+    d = space.to_dict()
+    assert d["params"] == GRID and d["scheduler"] == "fifo" and d["max_concurrent_trials"] == 2
+    again = parse_space({k: v for k, v in d.items() if k != "num_trials"})
+    assert again == space
+    assert isinstance(again, SearchSpace)
+    assert "4 trials" in space.summary()
