@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from micl.config import Config, from_dict
+from micl.data.sources import DataError
 from micl.data.stream import epoch_clock
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
@@ -145,12 +146,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        n_batches = n_images = skipped = 0
+        n_batches = n_images = 0
         lr = opt.param_groups[0]["lr"]
         for i, raw in enumerate(shard.iter_torch_batches(
                 batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2,
                 pin_memory=on_gpu)):
-            skipped += int(raw.pop("skipped").sum()) if "skipped" in raw else 0
+            raw.pop("skipped", None)  # counted exactly by the clock instead
             if epoch == start_epoch == 0 and i == 0 and logger:
                 _log_mask_picture(logger, raw, cfg)
             batch = _to_device(raw, cfg, device)
@@ -174,8 +175,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 opt.zero_grad(set_to_none=True)
                 step += 1
         elapsed = time.perf_counter() - t0
-        total_loss, total_batches, total_images, total_skipped = _all_reduce_sum(
-            [loss_sum.item(), n_batches, n_images, skipped], device)
+        total_loss, total_batches, total_images = _all_reduce_sum(
+            [loss_sum.item(), n_batches, n_images], device)
+        total_skipped, bad_examples = ray.get(clock.skipped.remote(epoch))
+        if total_skipped > cfg.data.max_bad_fraction * loop_config["num_train"]:
+            raise DataError(
+                f"data error: {total_skipped} of {loop_config['num_train']} files could not be "
+                f"decoded in epoch {epoch + 1}, more than data.max_bad_fraction = "
+                f"{cfg.data.max_bad_fraction}; e.g. {', '.join(bad_examples[:5])}")
         if total_batches == 0:
             raise RuntimeError("the training stream produced no full batch this epoch: "
                                f"data.batch_size = {cfg.data.batch_size} is larger than each "

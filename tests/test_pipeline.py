@@ -107,13 +107,13 @@ def test_resume_continues_at_the_next_epoch(ray_local, tmp_path):
                        "optim.epochs=1", "run.name=resumable", "run.num_workers=1")
     first = run_pretraining(cfg1)
     assert first.metrics["epoch"] == 1
+    first_state = torch.load(Path(first.checkpoint_path) / STATE_FILE, weights_only=False)
     cfg2 = tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=64",
                        "optim.epochs=3", "run.name=resumable", "run.num_workers=1")
     second = run_pretraining(cfg2)
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resume
     assert second.metrics["epoch"] == 3
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
-    first_state = torch.load(Path(first.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 3  # epochs 2 and 3 added to epoch 1's steps
     client = MlflowClient(second.tracking_uri)
     epochs = client.get_metric_history(second.mlflow_run_id, "epoch")

@@ -1,0 +1,496 @@
+"""Data sources -> `ray.data.Dataset` of raw samples.
+
+Every source gives the same columns:
+
+- `image`: encoded image bytes (binary) or a raw uint8 array [H, W] / [H, W, C];
+- `label`: int64 class index (classes are the sorted class-folder names of the train split);
+- `sample_id`: int64, stable across runs and machines: the index for array sources, a 63-bit
+  hash of the path relative to the split root for files, so masks drawn from it are reproducible;
+- `path`: string, relative to the split root ("" for array sources).
+
+Decoding happens later, in the stream (`micl.data.stream`), so that corrupt files reach our
+decoder and are skipped and counted rather than crashing a reader.
+
+A missing or empty source raises `DataError` (a `ConfigError`) with one line naming the path,
+when the dataset is built: before any training starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import posixpath
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import FileShuffleConfig
+
+from micl.config import Config, ConfigError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_EVAL_SPLIT_ALIASES = ("val", "test", "t10k", "validation")
+
+# The synthetic set does not depend on run.seed: runs with different seeds see the same data,
+# so their results stay comparable. Validation samples get ids far from the training ones.
+SYNTHETIC_SEED = 0x5EED
+SYNTHETIC_VAL_OFFSET = 1 << 40
+
+_SUBSET_SEED = 0  # the limit_train subset of a folder is the same whatever run.seed is
+
+# Read tasks per file source: blocks of map_batch_size files (so map batches are full),
+# but no more than this many blocks (task overhead on ImageNet-sized folders).
+_MAX_READ_BLOCKS = 4096
+
+
+class DataError(ConfigError):
+    """The data a config points at is missing, empty or malformed (one line, naming the path)."""
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_split(cfg: Config, split: str) -> ray.data.Dataset:
+    """The raw samples of `split` (cfg.data.train_split or cfg.data.val_split) of cfg.data.source.
+
+    Columns: image (binary or uint8 array), label int64, sample_id int64, path string.
+    The train split is cut to cfg.data.limit_train samples when set. File sources shuffle the
+    train split's file order per execution (seeded by run.seed), so each epoch's batches mix
+    classes; array sources are read in order (Fashion-MNIST is already shuffled).
+    """
+    loaders: dict[str, Callable[[Config, str], ray.data.Dataset]] = {
+        "fashion_mnist": _load_fashion_mnist,
+        "imagefolder": _load_imagefolder,
+        "parquet": _load_parquet,
+        "synthetic": _load_synthetic,
+    }
+    if cfg.data.source not in loaders:
+        raise ConfigError(f"config error: data.source = {cfg.data.source!r}: unknown source")
+    return loaders[cfg.data.source](cfg, split)
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Class names in label order (cheap: a directory listing or a small JSON file at most)."""
+    d = cfg.data
+    if d.source == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if d.source == "synthetic":
+        return [f"stripes_{_synthetic_angle_deg(c, d.synthetic_classes):g}deg"
+                for c in range(d.synthetic_classes)]
+    if d.source == "imagefolder":
+        return _imagefolder_classes(cfg)
+    fs, root = resolve_path(d.path)
+    info = fs.get_file_info(posixpath.join(root, "classes.json"))
+    if info.type == pafs.FileType.File:
+        with fs.open_input_stream(info.path) as f:
+            return list(json.loads(f.read().decode("utf-8")))
+    raise DataError(f"data error: {d.path}: no classes.json next to the Parquet splits")
+
+
+def stable_sample_id(relative_path: str) -> int:
+    """A 63-bit id from a path relative to its split root; the same on every run and machine
+    (Python's hash() is salted per process, so it would not do)."""
+    digest = hashlib.blake2b(relative_path.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def resolve_path(path: str | None) -> tuple[pafs.FileSystem, str]:
+    """A local path or a filesystem URI (s3://, gs://, ...) -> (pyarrow filesystem, path on it)."""
+    if not path:
+        raise DataError("data error: data.path is not set")
+    try:
+        if "://" not in path:
+            return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        fs, p = pafs.FileSystem.from_uri(path)
+        return fs, p.rstrip("/")
+    except Exception as e:  # noqa: BLE001 - bad scheme, no credentials, ...
+        reason = " ".join(str(e).split())  # provider errors span lines; ours must not
+        raise DataError(f"data error: {path}: cannot open filesystem ({reason})") from None
+
+
+def is_hidden(relative_path: str) -> bool:
+    """Files or folders starting with "." (.DS_Store, .ipynb_checkpoints, ...) are not data."""
+    return any(part.startswith(".") for part in relative_path.split("/"))
+
+
+def list_image_folder(fs: pafs.FileSystem, root: str, classes: list[str] | None = None
+                      ) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted folder names) and (relative path, label) of every non-hidden file below
+    a class folder of `root`, sorted by path. Files directly in `root` are ignored.
+
+    With `classes` given (the train split's), folders must be among them: a val split missing a
+    class keeps the train split's labels.
+    """
+    found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                   if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"data error: {root}: class folders {unknown[:5]} are not in the "
+                            f"train split's {len(classes)} classes")
+    index = {c: i for i, c in enumerate(classes)}
+    files = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = _relative(info.path, root)
+        cls, sep, _ = rel.partition("/")
+        if sep and cls in index and not is_hidden(rel):
+            files.append((rel, index[cls]))
+    files.sort()
+    return classes, files
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (the MNIST format; gzipped or not) -> ndarray of its shape and dtype."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"data error: {path}: not an IDX file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = data[2], data[3]
+    if code not in dtypes:
+        raise DataError(f"data error: {path}: unknown IDX data type 0x{code:02x}")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    dtype = np.dtype(dtypes[code])
+    body = data[4 + 4 * ndim :]
+    if len(body) != math.prod(shape) * dtype.itemsize:
+        raise DataError(f"data error: {path}: {len(body)} data bytes, expected shape {shape}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: str, name: str) -> str | None:
+    for sub in ("", "raw", "FashionMNIST/raw"):
+        for suffix in ("", ".gz"):
+            p = os.path.join(directory, sub, name + suffix)
+            if os.path.isfile(p):
+                return p
+    return None
+
+
+def _load_fashion_mnist(cfg: Config, split: str) -> ray.data.Dataset:
+    directory = cfg.data.path or FASHION_MNIST_DIR
+    key = "train" if _is_train(cfg, split) else "test" if _is_eval(cfg, split) else None
+    if key is None:
+        raise DataError(f"data error: Fashion-MNIST has no split {split!r} "
+                        "(use train, or val/test for the t10k files)")
+    found = [_find_idx(directory, n) for n in _FMNIST_FILES[key]]
+    if None in found:
+        missing = _FMNIST_FILES[key][found.index(None)]
+        raise DataError(f"data error: {directory}: no Fashion-MNIST file {missing}[.gz] "
+                        "(apt-get install dataset-fashion-mnist, or set data.path)")
+    images, labels = read_idx(found[0]), read_idx(found[1])  # [N, 28, 28] uint8, [N]
+    if len(images) != len(labels):
+        raise DataError(f"data error: {directory}: {len(images)} images but {len(labels)} labels")
+    if key == "train" and cfg.data.limit_train:
+        images, labels = images[: cfg.data.limit_train], labels[: cfg.data.limit_train]
+    return from_arrays(images, labels, cfg.data.map_batch_size)
+
+
+def from_arrays(images: np.ndarray, labels: np.ndarray, map_batch_size: int = 64
+                ) -> ray.data.Dataset:
+    """In-memory uint8 images [N, H, W(, C)] and labels [N] -> a Dataset with sample_id = index,
+    split into enough blocks for the cluster's map tasks to run in parallel."""
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(images)
+    if n == 0:
+        raise DataError("data error: the array source is empty")
+    table = pa.table({
+        "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+        "label": pa.array(labels.astype(np.int64)),
+        "sample_id": pa.array(np.arange(n, dtype=np.int64)),
+        "path": pa.array([""] * n, pa.string()),
+    })
+    rows = _array_rows_per_block(n, map_batch_size)
+    return ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)])
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+
+def _imagefolder_split_root(cfg: Config, split: str) -> tuple[pafs.FileSystem, str]:
+    """`<path>/<split>`, or `<path>` itself for the train split of a flat `<path>/<class>/` tree."""
+    fs, root = resolve_path(cfg.data.path)
+    base = fs.get_file_info(root)
+    if base.type == pafs.FileType.NotFound:
+        raise DataError(f"data error: {cfg.data.path}: no such directory")
+    if base.type != pafs.FileType.Directory:
+        raise DataError(f"data error: {cfg.data.path}: not a directory")
+    split_root = posixpath.join(root, split)
+    if fs.get_file_info(split_root).type == pafs.FileType.Directory:
+        return fs, split_root
+    if _is_train(cfg, split) and not _has_split_dirs(fs, root, cfg):
+        return fs, root
+    raise DataError(f"data error: {_join_uri(cfg.data.path, split)}: no such split directory")
+
+
+def _has_split_dirs(fs: pafs.FileSystem, root: str, cfg: Config) -> bool:
+    names = {cfg.data.train_split, cfg.data.val_split}
+    return any(fs.get_file_info(posixpath.join(root, n)).type == pafs.FileType.Directory
+               for n in names)
+
+
+def _imagefolder_classes(cfg: Config) -> list[str]:
+    """The train split's sorted class folders: the label space of every split."""
+    fs, root = _imagefolder_split_root(cfg, cfg.data.train_split)
+    classes = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                     if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    if not classes:
+        raise DataError(f"data error: {_uri_of(cfg, root)}: no class folders")
+    return classes
+
+
+def _load_imagefolder(cfg: Config, split: str) -> ray.data.Dataset:
+    fs, root = _imagefolder_split_root(cfg, split)
+    if _is_train(cfg, split):
+        classes = None
+    else:
+        try:
+            classes = _imagefolder_classes(cfg)
+        except DataError:  # no train split at all: the val split stands on its own
+            classes = None
+    classes, files = list_image_folder(fs, root, classes)
+    where = _uri_of(cfg, root)
+    if not classes:
+        raise DataError(f"data error: {where}: no class folders (expected {where}/<class>/<image>)")
+    if not files:
+        raise DataError(f"data error: {where}: no files in its {len(classes)} class folders")
+    train = _is_train(cfg, split)
+    if train and cfg.data.limit_train and cfg.data.limit_train < len(files):
+        # A fixed random subset, not the first classes of the sorted listing.
+        order = np.random.default_rng(_SUBSET_SEED).permutation(len(files))
+        keep = order[: cfg.data.limit_train]
+        files = [files[i] for i in sorted(keep)]
+    paths = [posixpath.join(root, rel) for rel, _ in files]
+    index = {c: i for i, c in enumerate(classes)}
+    ds = ray.data.read_binary_files(
+        paths, include_paths=True, filesystem=fs,
+        override_num_blocks=_file_blocks(len(paths), cfg.data.map_batch_size),
+        shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None,
+    )
+    return ds.map_batches(_FolderLabeler(root, index), batch_format="pyarrow", batch_size=None)
+
+
+class _FolderLabeler:
+    """(bytes, absolute path) -> (image, label, sample_id, relative path): labels come from the
+    class folder name, ids from the relative path, so no per-file table is shipped to tasks."""
+
+    def __init__(self, root: str, index: dict[str, int]) -> None:
+        self.root, self.index = root, index
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rel = [_relative(p, self.root) for p in batch.column("path").to_pylist()]
+        return pa.table({
+            "image": batch.column("bytes"),
+            "label": pa.array([self.index[r.partition("/")[0]] for r in rel], pa.int64()),
+            "sample_id": pa.array([stable_sample_id(r) for r in rel], pa.int64()),
+            "path": pa.array(rel, pa.string()),
+        })
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+
+PARQUET_COLUMNS = ("image", "label", "sample_id")
+
+
+def _load_parquet(cfg: Config, split: str) -> ray.data.Dataset:
+    fs, root = resolve_path(cfg.data.path)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise DataError(f"data error: {cfg.data.path}: no such directory")
+    split_root = posixpath.join(root, split)
+    where = _join_uri(cfg.data.path, split)
+    if fs.get_file_info(split_root).type != pafs.FileType.Directory:
+        raise DataError(f"data error: {where}: no such split directory")
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(split_root, recursive=True))
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and not is_hidden(_relative(i.path, split_root)))
+    if not files:
+        raise DataError(f"data error: {where}: no .parquet files")
+    schema = pq.read_schema(files[0], filesystem=fs)
+    missing = [c for c in PARQUET_COLUMNS if c not in schema.names]
+    if missing:
+        raise DataError(f"data error: {files[0]}: missing column(s) {missing} "
+                        "(write shards with pipelines/prepare_data.py)")
+    columns = [*PARQUET_COLUMNS, *(["path"] if "path" in schema.names else [])]
+    train = _is_train(cfg, split)
+    if train and cfg.data.limit_train:
+        ds = _first_parquet_rows(fs, files, columns, cfg.data.limit_train)
+    else:
+        ds = _read_parquet(files, fs, columns,
+                           shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None)
+    if "path" not in columns:
+        ds = ds.map_batches(_add_empty_path, batch_format="pyarrow", batch_size=None)
+    return ds
+
+
+def _first_parquet_rows(fs: pafs.FileSystem, files: list[str], columns: list[str], n: int
+                        ) -> ray.data.Dataset:
+    """Exactly the first n rows in (sorted) file order, the same rows on every execution:
+    whole files up to n, plus the head of the next file read by a single task (a limit over
+    parallel reads would keep whichever rows arrive first)."""
+    whole, total = [], 0
+    for f in files:
+        if total >= n:
+            break
+        rows = pq.read_metadata(f, filesystem=fs).num_rows
+        if total + rows > n:
+            rest = _read_parquet([f], fs, columns, override_num_blocks=1).limit(n - total)
+            return _read_parquet(whole, fs, columns).union(rest) if whole else rest
+        whole.append(f)
+        total += rows
+    return _read_parquet(whole, fs, columns)
+
+
+def _read_parquet(files: list[str], fs: pafs.FileSystem, columns: list[str], **kwargs: Any
+                  ) -> ray.data.Dataset:
+    """read_parquet with Ray's file-based (V1) Parquet reader. Ray 2.60's default V2 reader
+    starts every execution with a file-listing task that cost 1-2 s warm and up to 15 s on a
+    busy 2-core machine for three small shards (V1: 0.15 s); the stream re-executes its
+    Dataset every epoch, so that start-up would be paid per epoch."""
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False  # only read_parquet itself looks at this flag
+    try:
+        return ray.data.read_parquet(files, filesystem=fs, columns=columns, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = previous
+
+
+def _add_empty_path(batch: pa.Table) -> pa.Table:
+    return batch.append_column("path", pa.array([""] * batch.num_rows, pa.string()))
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _synthetic_angle_deg(c: int, n_classes: int) -> float:
+    # Angles in [0, 90): a horizontal flip maps theta to -theta, which is no other class's angle.
+    return 90.0 * c / n_classes
+
+
+def synthetic_images(ids: np.ndarray, size: int, channels: int, n_classes: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic class-dependent images: oriented stripes (the class sets the angle; random
+    frequency and phase), a random soft blob, a class tint for RGB, and pixel noise.
+
+    Returns uint8 [N, size, size] (1 channel) or [N, size, size, 3], and labels int64 [N].
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] in [0, 1)
+    out = np.empty((len(ids), size, size, channels), np.uint8)
+    labels = (ids % n_classes).astype(np.int64)
+    for i, (sid, c) in enumerate(zip(ids, labels, strict=True)):
+        rng = np.random.default_rng([SYNTHETIC_SEED, int(sid)])
+        theta = math.radians(_synthetic_angle_deg(int(c), n_classes) + rng.normal(0, 2.0))
+        freq, phase = rng.uniform(3.0, 5.0), rng.uniform(0, 2 * math.pi)
+        stripes = np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta))
+                         + phase)  # [S, S] in [-1, 1]
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.12**2))
+        img = 0.5 + 0.3 * stripes + 0.25 * rng.choice([-1.0, 1.0]) * blob  # [S, S]
+        img = img[:, :, None] * _class_tint(int(c), n_classes, channels)  # [S, S, C]
+        img += rng.normal(0, 0.06, img.shape)
+        out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return (out[..., 0] if channels == 1 else out), labels
+
+
+def _class_tint(c: int, n_classes: int, channels: int) -> np.ndarray:
+    if channels == 1:
+        return np.ones(1, np.float32)
+    hue = 2 * math.pi * (c / n_classes + np.array([0.0, 1 / 3, 2 / 3]))
+    return (0.75 + 0.25 * np.cos(hue)).astype(np.float32)  # [3]
+
+
+def _load_synthetic(cfg: Config, split: str) -> ray.data.Dataset:
+    d = cfg.data
+    if _is_train(cfg, split):
+        n, offset = d.synthetic_size, 0
+        if d.limit_train:
+            n = min(n, d.limit_train)
+    elif _is_eval(cfg, split):
+        n, offset = max(d.synthetic_size // 4, d.synthetic_classes), SYNTHETIC_VAL_OFFSET
+    else:
+        raise DataError(f"data error: the synthetic source has no split {split!r}")
+    if n <= 0 or d.synthetic_classes <= 0:
+        raise DataError(f"data error: synthetic source with {n} samples of "
+                        f"{d.synthetic_classes} classes")
+    size, chans, classes = cfg.model.img_size, cfg.model.in_chans, d.synthetic_classes
+    if chans not in (1, 3):
+        raise DataError(f"data error: synthetic images have 1 or 3 channels, not {chans}")
+
+    def generate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["id"].astype(np.int64) + offset
+        images, labels = synthetic_images(ids, size, chans, classes)
+        return {"image": images, "label": labels, "sample_id": ids,
+                "path": np.full(len(ids), "", dtype=object)}
+
+    blocks = math.ceil(n / _array_rows_per_block(n, d.map_batch_size))
+    return ray.data.range(n, override_num_blocks=blocks).map_batches(
+        generate, batch_format="numpy", batch_size=None)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _is_train(cfg: Config, split: str) -> bool:
+    return split == cfg.data.train_split or (split == "train" and split != cfg.data.val_split)
+
+
+def _is_eval(cfg: Config, split: str) -> bool:
+    return split == cfg.data.val_split or split in _EVAL_SPLIT_ALIASES
+
+
+def _relative(path: str, root: str) -> str:
+    """Path below `root`, with "/" separators (pyarrow paths always use "/")."""
+    root = root.rstrip("/")
+    if path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    return path.lstrip("/")
+
+
+def _join_uri(base: str | None, *parts: str) -> str:
+    return "/".join([(base or "").rstrip("/"), *parts])
+
+
+def _uri_of(cfg: Config, path_on_fs: str) -> str:
+    """Show paths as the user wrote them (with the s3:// scheme) in error messages."""
+    base = cfg.data.path or ""
+    if "://" in base:
+        scheme = base.split("://", 1)[0]
+        return f"{scheme}://{path_on_fs}"
+    return path_on_fs
+
+
+def _file_blocks(n: int, map_batch_size: int) -> int:
+    """Read tasks for n files: map_batch_size files each (so map batches are full and small
+    blocks stay in flight), or a multiple of it once that would exceed _MAX_READ_BLOCKS."""
+    per = map_batch_size * math.ceil(n / (_MAX_READ_BLOCKS * map_batch_size))
+    return max(1, math.ceil(n / per))
+
+
+def _array_rows_per_block(n: int, map_batch_size: int) -> int:
+    """In-memory sets: at most ~64 blocks (a few per CPU), each a multiple of map_batch_size."""
+    return map_batch_size * max(1, math.ceil(n / (64 * map_batch_size)))

@@ -1,0 +1,254 @@
+"""The data stream: raw samples -> ready training/evaluation batches, inside Ray Data.
+
+`train_stream` runs one `map_batches` that decodes, crops, flips and draws the method's patch
+masks, so the CPUs of the whole cluster do that work and training workers receive uint8 images
+plus int64 index arrays. Normalisation is left to the training device (`transforms.normalize`):
+uint8 is 4x less data to move than float32.
+
+Every random choice for a sample (crop, flip, masks, in that order) comes from
+`sample_rng(run.seed, epoch, sample_id)`, so a sample's view in an epoch is the same whatever
+the batching, the number of workers or the execution order.
+
+The epoch is either a fixed int, or the name of an `EpochClock` actor that the training loop
+sets before iterating each epoch (the same Dataset object is re-executed every epoch, so the
+epoch cannot be baked into it).
+
+Undecodable rows are dropped and counted. With an EpochClock, each map batch that dropped rows
+reports the count (and a few paths) to the clock, which the training loop reads after the
+epoch: an exact count. For direct use with a fixed epoch, the `skipped` column holds, on the
+first kept row of each map batch, how many rows that batch dropped (0 elsewhere), so summing
+`skipped` over an epoch gives the epoch's count. A map batch in which every row is bad has no
+row to carry its count: it emits nothing, and if it had at least `ALL_BAD_RAISE_ROWS` rows (and
+data.max_bad_fraction < 1) it raises `DataError`, because that many bad files in a row means far
+more than an acceptable fraction of the data is bad (file order is shuffled). Smaller all-bad
+batches (a short tail block) go uncounted; comparing the summed count with
+data.max_bad_fraction is the training loop's job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+
+from micl.config import Config
+from micl.data.masking import sample_rng
+from micl.data.sources import DataError
+from micl.data.transforms import center_box, mode_for, random_resized_crop_params, to_pil
+
+NAMESPACE = "micl"
+ALL_BAD_RAISE_ROWS = 16
+_BICUBIC = Image.Resampling.BICUBIC
+_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+# ----------------------------------------------------------------------------- epoch clock
+
+
+@ray.remote(num_cpus=0)
+class EpochClock:
+    """Holds the current epoch for the map tasks of a re-executed training stream, and counts
+    the undecodable files they skip per epoch (exact, unlike a column that the trainer's
+    drop_last or an equal split may cut off)."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+        self._skipped: dict[int, int] = {}
+        self._examples: list[str] = []
+
+    def set(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+
+    def get(self) -> int:
+        return self._epoch
+
+    def add_skipped(self, epoch: int, count: int, paths: list[str]) -> None:
+        self._skipped[epoch] = self._skipped.get(epoch, 0) + count
+        self._examples = (self._examples + [p for p in paths if p not in self._examples])[:10]
+
+    def skipped(self, epoch: int) -> tuple[int, list[str]]:
+        """(files skipped in that epoch, up to 10 example paths)."""
+        return self._skipped.get(epoch, 0), list(self._examples)
+
+
+def epoch_clock(name: str) -> Any:
+    """Get or create the named EpochClock (namespace "micl"). It lives as long as the process
+    that created it; map tasks look it up by name."""
+    return EpochClock.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+
+
+_CLOCK_HANDLES: dict[str, Any] = {}  # per worker process: name -> actor handle
+
+
+def _clock_epoch(name: str) -> int:
+    """The clock's epoch; the handle is looked up once per process and again only if the actor
+    was replaced (e.g. a restarted training run created a new one under the same name)."""
+    return int(_call_clock(name, "get"))
+
+
+def _call_clock(name: str, method: str, *args: Any) -> Any:
+    for attempt in range(2):
+        handle = _CLOCK_HANDLES.get(name)
+        if handle is None:
+            try:
+                handle = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                raise DataError(f"data error: no epoch clock {name!r} in namespace "
+                                f"{NAMESPACE!r}: call epoch_clock(name) before iterating "
+                                "the stream") from None
+            _CLOCK_HANDLES[name] = handle
+        try:
+            return ray.get(getattr(handle, method).remote(*args))
+        except ray.exceptions.RayActorError:
+            _CLOCK_HANDLES.pop(name, None)
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str) -> ray.data.Dataset:
+    """Pre-training batches from `load_split` rows.
+
+    Columns: image uint8 [B, C, H, W] (C = model.in_chans, H = W = model.img_size), label int64
+    [B], sample_id int64 [B], one int64 [B, k] array per mask of the method (micl: view1, view2),
+    skipped int64 [B] (see the module docstring). `epoch`: an int, or an EpochClock name.
+    """
+    _check_shape_config(cfg)
+    mapper = _TrainMapper(cfg, epoch)
+    return ds.map_batches(mapper, batch_size=cfg.data.map_batch_size, batch_format="numpy",
+                          num_cpus=cfg.data.data_cpus)
+
+
+def eval_stream(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
+    """Evaluation batches: decode, shorter side to img_size, centre crop; no randomness.
+
+    Columns: image uint8 [B, C, H, W], label int64 [B], sample_id int64 [B]. Bad rows are
+    dropped (not counted: the training stream reports them).
+    """
+    _check_shape_config(cfg)
+    return ds.map_batches(_EvalMapper(cfg), batch_size=cfg.data.map_batch_size,
+                          batch_format="numpy", num_cpus=cfg.data.data_cpus)
+
+
+def _check_shape_config(cfg: Config) -> None:
+    if cfg.model.in_chans not in (1, 3):
+        raise DataError(f"data error: model.in_chans = {cfg.model.in_chans}: the stream "
+                        "produces 1 (grayscale) or 3 (RGB) channels")
+
+
+class _TrainMapper:
+    """The per-batch function of `train_stream` (an instance: runs as plain Ray tasks)."""
+
+    def __init__(self, cfg: Config, epoch: int | str) -> None:
+        from micl.objectives import OBJECTIVES  # registry import also registers the methods
+
+        if isinstance(epoch, np.integer):
+            epoch = int(epoch)
+        if isinstance(epoch, bool) or not isinstance(epoch, int | str):
+            raise TypeError(f"epoch must be an int or an EpochClock name, not {epoch!r}")
+        if cfg.method.name not in OBJECTIVES:
+            raise DataError(f"data error: method.name = {cfg.method.name!r} is not registered")
+        self.cfg = cfg
+        self.epoch = epoch
+        self.objective = OBJECTIVES[cfg.method.name]
+        self.seed = cfg.run.seed
+        self.size = cfg.model.img_size
+        self.channels = cfg.model.in_chans
+        self.mode = mode_for(self.channels)
+        self.scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
+        self.hflip = cfg.data.hflip
+        self.raise_if_all_bad = cfg.data.max_bad_fraction < 1
+        # JPEG draft decoding may shrink a photo as long as the smallest crop (area fraction
+        # crop_scale_min) still covers at least img_size pixels on a side.
+        self.draft = math.ceil(self.size / math.sqrt(cfg.data.crop_scale_min))
+        # Empty mask arrays of the right width, for batches that keep no row.
+        self.empty_masks = {k: v[:0] for k, v in
+                            self.objective.draw_masks(cfg, 1, np.random.default_rng(0)).items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch = self.epoch if isinstance(self.epoch, int) else _clock_epoch(self.epoch)
+        images, sample_ids = batch["image"], batch["sample_id"]
+        n = len(sample_ids)
+        out = np.empty((n, self.channels, self.size, self.size), np.uint8)  # [B, C, H, W]
+        keep = np.zeros(n, bool)
+        masks: dict[str, list[np.ndarray]] = {k: [] for k in self.empty_masks}
+        kept = 0
+        for i in range(n):
+            img = to_pil(images[i], self.mode, self.draft)
+            if img is None:
+                continue
+            rng = sample_rng(self.seed, epoch, int(sample_ids[i]))
+            w, h = img.size
+            box = random_resized_crop_params(h, w, self.scale, _CROP_RATIO, rng)
+            a = np.asarray(img.resize((self.size, self.size), _BICUBIC, box=box))  # [H, W(, C)]
+            if self.hflip and rng.random() < 0.5:
+                a = a[:, ::-1]
+            out[kept] = a.transpose(2, 0, 1) if a.ndim == 3 else a  # [C, H, W]
+            keep[i] = True
+            kept += 1
+            for k, v in self.objective.draw_masks(self.cfg, 1, rng).items():
+                masks[k].append(v[0])
+        bad = n - kept
+        if kept == 0 and n >= ALL_BAD_RAISE_ROWS and self.raise_if_all_bad:
+            raise DataError(f"data error: all {n} rows of a map batch are undecodable "
+                            f"(e.g. {_first_path(batch)!r}): far more than "
+                            f"data.max_bad_fraction = {self.cfg.data.max_bad_fraction} of the "
+                            "data is bad")
+        skipped = np.zeros(kept, np.int64)
+        if kept:
+            skipped[0] = bad
+        if bad and isinstance(self.epoch, str):  # waited for, so the count is in before the
+            paths = batch.get("path")            # epoch's last batch reaches the trainer
+            bad_paths = [] if paths is None else [str(p) for p, k in zip(paths, keep, strict=True)
+                                              if not k]
+            _call_clock(self.epoch, "add_skipped", epoch, bad, bad_paths[:5])
+        result = {
+            "image": out[:kept],
+            "label": np.asarray(batch["label"], np.int64)[keep],
+            "sample_id": np.asarray(sample_ids, np.int64)[keep],
+            "skipped": skipped,
+        }
+        for k, rows in masks.items():
+            result[k] = np.stack(rows).astype(np.int64, copy=False) if rows else self.empty_masks[k]
+        return result
+
+
+class _EvalMapper:
+    """The per-batch function of `eval_stream`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.size = cfg.model.img_size
+        self.channels = cfg.model.in_chans
+        self.mode = mode_for(self.channels)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        n = len(images)
+        out = np.empty((n, self.channels, self.size, self.size), np.uint8)  # [B, C, H, W]
+        keep = np.zeros(n, bool)
+        j = 0
+        for i in range(n):
+            img = to_pil(images[i], self.mode, self.size)
+            if img is None:
+                continue
+            w, h = img.size
+            a = np.asarray(img.resize((self.size, self.size), _BICUBIC, box=center_box(h, w)))
+            out[j] = a.transpose(2, 0, 1) if a.ndim == 3 else a
+            keep[i] = True
+            j += 1
+        return {
+            "image": out[:j],
+            "label": np.asarray(batch["label"], np.int64)[keep],
+            "sample_id": np.asarray(batch["sample_id"], np.int64)[keep],
+        }
+
+
+def _first_path(batch: dict[str, np.ndarray]) -> str:
+    paths = batch.get("path")
+    return str(paths[0]) if paths is not None and len(paths) else "?"

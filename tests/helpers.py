@@ -1,0 +1,54 @@
+"""Test data that others reuse: a real ImageFolder tree with good and bad files."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+BAD_FILES = 3  # a corrupt JPEG, a zero-byte file and a text file (hidden files don't count)
+
+
+def make_image_folder(root: str | pathlib.Path, n_per_class: int = 4,
+                      classes: Sequence[str] = ("cat", "dog", "fish"), size: int = 24,
+                      bad_files: bool = True, split: str | None = "train") -> dict:
+    """Write `<root>/<split>/<class>/img_<i>.{jpg,png}` (`<root>/<class>/...` if split is None).
+
+    Images alternate JPEG/PNG and RGB/grayscale-ish sizes around `size` (non-square), with a
+    class colour plus noise. With bad_files, class folders also get `corrupt.jpg` (a JPEG cut
+    short after its header), `empty.jpg` (0 bytes) and `notes.txt`, all of which a loader must
+    skip and count, and a hidden `.DS_Store` it must ignore.
+
+    Returns {"root": dataset root (str), "split_root": str, "classes": sorted names,
+    "good": number of good images, "bad": relative paths of the bad files}.
+    """
+    root = pathlib.Path(root)
+    split_root = root / split if split else root
+    rng = np.random.default_rng(0)
+    names = sorted(classes)
+    good = 0
+    for c, name in enumerate(names):
+        d = split_root / name
+        d.mkdir(parents=True, exist_ok=True)
+        colour = np.array([(60 + 80 * c) % 256, (200 - 50 * c) % 256, (30 * c) % 256])
+        for i in range(n_per_class):
+            h, w = size + 3 * (i % 2), size + 2 * (i % 3)
+            img = np.clip(colour + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            if i % 2:
+                Image.fromarray(img).save(d / f"img_{i}.png")
+            else:
+                Image.fromarray(img).save(d / f"img_{i}.jpg", quality=90)
+            good += 1
+    bad: list[str] = []
+    if bad_files:
+        first, second, last = names[0], names[1 % len(names)], names[-1]
+        jpeg = (split_root / first / "img_0.jpg").read_bytes()
+        (split_root / first / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+        (split_root / second / "empty.jpg").write_bytes(b"")
+        (split_root / last / "notes.txt").write_text("not an image\n")
+        (split_root / first / ".DS_Store").write_bytes(b"\x00\x01junk")
+        bad = [f"{first}/corrupt.jpg", f"{second}/empty.jpg", f"{last}/notes.txt"]
+    return {"root": str(root), "split_root": str(split_root), "classes": names,
+            "good": good, "bad": bad}

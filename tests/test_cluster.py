@@ -1,0 +1,405 @@
+"""From one machine to a cluster: the deployment files are checked by the tools that consume
+them, and the pipeline runs as a real `ray job submit` job.
+
+- `cluster.yaml` goes through Ray's own cluster-config preparation and JSON-schema validation
+  (what `ray up` does before it talks to AWS), and its setup commands pin exactly the versions
+  of pyproject.toml.
+- `deploy/rayjob.yaml` (KubeRay) has a head, a GPU and a CPU worker group, a memory-backed
+  /dev/shm that holds the object store, and the same pins.
+- `configs/imagenet_vitl16.yaml` loads and validates; storage URIs pass through untouched.
+- The end-to-end test starts its own Ray head (with the dashboard, which job submission needs),
+  submits `pipelines/pretrain.py` with `ray job submit --working-dir <repo>`, and checks the
+  MLflow store and the checkpoint the job wrote.
+
+Stopping that head: `ray stop` would not do. It finds processes by name (raylet, gcs_server,
+...) and terminates every Ray process on the machine, including the cluster of the session
+fixture `ray_local` and any other test run sharing the machine. Instead the head is started
+with `ray start --block` in a new session: that process owns everything it started and shuts it
+down on SIGTERM; the pids of its whole process tree are recorded while the cluster is up, and
+any of them still alive after the shutdown are killed (workers live in their own process groups,
+so a process-group kill alone would miss them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from micl.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests, and its `ray`
+CLUSTER_YAML = ROOT / "cluster.yaml"
+RAYJOB_YAML = ROOT / "deploy" / "rayjob.yaml"
+IMAGENET_CONFIG = ROOT / "configs" / "imagenet_vitl16.yaml"
+
+# Never part of a job's working-dir upload: the virtualenv (GBs), local run outputs and
+# tracking stores, and git history. docs/cluster.md shows the same list.
+UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "outputs",
+                   "__pycache__"]
+
+JOB_TIMEOUT_S = 900
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def pyproject_dependencies() -> list[str]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["dependencies"]
+
+
+def pinned(deps: list[str]) -> list[str]:
+    """The exact pins (`name[extras]==version`) among the dependency specifiers."""
+    return [d for d in deps if "==" in d]
+
+
+def dist_name(spec: str) -> str:
+    return re.split(r"[\[<>=!~ ;]", spec, maxsplit=1)[0].lower()
+
+
+def shell_words(commands: list[str]) -> set[str]:
+    """Every word of the commands with shell quotes stripped, as pip would receive it."""
+    import shlex
+
+    words: set[str] = set()
+    for command in commands:
+        words.update(shlex.split(command, comments=True))
+    return words
+
+
+def k8s_bytes(quantity: str | int) -> int:
+    """A Kubernetes quantity ('72Gi', '240G', '1024') in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+             "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    text = str(quantity)
+    for suffix, factor in units.items():
+        if text.endswith(suffix) and text[: -len(suffix)].isdigit():
+            return int(text[: -len(suffix)]) * factor
+    return int(text)
+
+
+def load_rayjob() -> dict:
+    docs = [d for d in yaml.safe_load_all(RAYJOB_YAML.read_text()) if d]
+    jobs = [d for d in docs if d.get("kind") == "RayJob"]
+    assert len(jobs) == 1, f"expected one RayJob in {RAYJOB_YAML}"
+    return jobs[0]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ----------------------------------------------------------------------------- cluster.yaml
+
+
+def test_cluster_yaml_passes_ray_schema_validation():
+    """What `ray up` does first: fill in the provider's defaults, then validate against
+    ray/autoscaler/ray-schema.json (plus Ray's cross-field checks)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    prepared = prepare_config(raw)
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "aws"
+
+
+def test_cluster_yaml_node_types():
+    cfg = yaml.safe_load(CLUSTER_YAML.read_text())
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    # The head schedules nothing: no CPUs advertised, in the node type and on `ray start`.
+    assert head["resources"].get("CPU") == 0
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--head" in head_start and "--num-cpus=0" in head_start
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    gpu = [t for t in workers.values() if t.get("resources", {}).get("GPU", 0) > 0]
+    cpu = [t for t in workers.values() if not t.get("resources", {}).get("GPU")]
+    assert gpu and cpu, "need a GPU worker type and a CPU-only worker type"
+    for t in workers.values():
+        assert 0 <= t["min_workers"] <= t["max_workers"]
+    assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
+
+
+def test_cluster_setup_commands_pin_pyproject_versions():
+    """Every `name==version` of pyproject.toml is installed verbatim on the cluster (and the
+    unpinned dependencies with the same specifier), so the cluster runs what CI tested."""
+    cfg = yaml.safe_load(CLUSTER_YAML.read_text())
+    words = shell_words(cfg["setup_commands"])
+    deps = pyproject_dependencies()
+    assert pinned(deps), "pyproject.toml pins nothing?"
+    missing = [d for d in deps if d not in words]
+    assert not missing, f"cluster.yaml setup_commands lack these pyproject pins: {missing}"
+    # The image's Ray must be the pinned Ray too (pip would otherwise up/downgrade it).
+    ray_pin = next(d for d in deps if dist_name(d) == "ray").split("==")[1]
+    assert f"rayproject/ray:{ray_pin}-" in cfg["docker"]["image"]
+
+
+# ----------------------------------------------------------------------------- deploy/rayjob.yaml
+
+
+def test_rayjob_manifest():
+    job = load_rayjob()
+    spec = job["spec"]
+    assert job["apiVersion"].startswith("ray.io/")
+    assert "pipelines/pretrain.py" in spec["entrypoint"]
+    assert "configs/imagenet_vitl16.yaml" in spec["entrypoint"]
+    cluster = spec["rayClusterSpec"]
+    ray_pin = next(d for d in pyproject_dependencies() if dist_name(d) == "ray").split("==")[1]
+    assert cluster["rayVersion"] == ray_pin
+
+    head = cluster["headGroupSpec"]
+    assert str(head["rayStartParams"]["num-cpus"]) == "0"
+    groups = cluster["workerGroupSpecs"]
+
+    def limits(group: dict) -> dict:
+        return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+    gpu = [g for g in groups if int(limits(g).get("nvidia.com/gpu", 0)) > 0]
+    cpu = [g for g in groups if int(limits(g).get("nvidia.com/gpu", 0)) == 0]
+    assert gpu and cpu, "need a GPU worker group and a CPU-only worker group"
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g["maxReplicas"]
+
+    # Every pod: the image pins the same Ray; /dev/shm is a memory emptyDir of ~30% of the
+    # pod's memory; the object store fits in it.
+    for group in [head, *groups]:
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        assert f"rayproject/ray:{ray_pin}-" in container["image"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        shm_volume = next(v for v in pod["volumes"] if mounts.get(v["name"]) == "/dev/shm")
+        assert shm_volume["emptyDir"]["medium"] == "Memory"
+        shm = k8s_bytes(shm_volume["emptyDir"]["sizeLimit"])
+        memory = k8s_bytes(container["resources"]["limits"]["memory"])
+        assert 0.2 <= shm / memory <= 0.4, (shm, memory)
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert 0.8 * shm <= store <= shm, (store, shm)
+
+    # The job's pip list pins what pyproject.toml pins (Ray itself comes with the image).
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    pip = runtime_env["pip"]["packages"] if isinstance(runtime_env["pip"], dict) \
+        else runtime_env["pip"]
+    wanted = [d for d in pyproject_dependencies() if dist_name(d) != "ray"]
+    missing = [d for d in wanted if d not in pip]
+    assert not missing, f"rayjob.yaml's pip list lacks these pyproject pins: {missing}"
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_imagenet_vitl16_config_loads():
+    cfg = load_config(IMAGENET_CONFIG)
+    assert (cfg.model.name, cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans) == \
+        ("vit_large", 224, 16, 3)
+    assert cfg.model.dims() == (1024, 24, 16)
+    assert (cfg.method.name, cfg.method.mask_ratio, cfg.method.temperature) == \
+        ("micl", 0.9, 0.07)
+    assert cfg.method.kappa == pytest.approx(1 / 64)
+    assert (cfg.optim.blr, cfg.optim.epochs, cfg.optim.warmup_epochs) == (5e-5, 200, 10)
+    assert cfg.data.source == "imagefolder" and cfg.data.path.startswith("s3://")
+    assert cfg.data.batch_size * cfg.run.num_workers == 7200  # the paper's 4 GPUs x 1800
+    assert cfg.run.use_gpu and cfg.run.num_workers == 4
+    assert cfg.run.storage_path.startswith("s3://")
+    assert (cfg.run.checkpoint_every, cfg.run.eval_every, cfg.run.keep_last,
+            cfg.run.max_failures) == (5, 5, 2, 3)
+
+
+@pytest.mark.parametrize("uri", ["s3://your-bucket/micl-runs", "file:///mnt/nfs/micl-runs",
+                                 "gs://bucket/a/b"])
+def test_storage_uri_survives_config_and_storage_path(uri):
+    """A URI reaches Ray Train exactly as written (no resolving against the cwd); nothing
+    here talks to S3."""
+    from micl.pretrain import storage_path
+
+    cfg = load_config(overrides=[f"run.storage_path={uri}"])
+    assert cfg.run.storage_path == uri
+    assert storage_path(cfg) == uri
+    assert storage_path(load_config(IMAGENET_CONFIG)) == "s3://your-bucket/micl-runs"
+
+
+def test_local_storage_path_is_made_absolute(tmp_path, monkeypatch):
+    from micl.pretrain import storage_path
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_path(load_config(overrides=["run.storage_path=runs"])) == \
+        str(tmp_path / "runs")
+
+
+# ----------------------------------------------------------------------------- ray job submit
+
+
+def ray_env() -> dict[str, str]:
+    """The environment of `ray start` and `ray job submit`: no token auth (a test cluster on
+    127.0.0.1), this venv first on PATH (a submitted job's `python` is looked up on the PATH
+    `ray start` had), and no address that would point the CLI at another cluster."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
+    return env
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _stop_head(proc: subprocess.Popen, tree: set[int]) -> None:
+    """SIGTERM `ray start --block` (it stops what it started); then kill, by pid, whatever of
+    its recorded process tree outlived it. Touches no other Ray cluster on the machine."""
+    with suppress(psutil.Error):
+        tree |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    survivors = []
+    for pid in tree:
+        with suppress(psutil.Error):
+            survivors.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(survivors, timeout=10)
+    for p in alive:
+        with suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+@contextmanager
+def ray_head(log_dir: Path) -> Iterator[tuple[str, Path]]:
+    """A fresh single-node Ray cluster with the Jobs API; yields (dashboard URL, temp dir).
+
+    Its own ports (including the client server and dashboard agent, whose defaults a second
+    cluster on the machine would collide with) and its own short temp dir (Unix socket paths
+    are limited to ~107 bytes, too short for pytest's tmp_path)."""
+    gcs, dashboard, client, agent = free_ports(4)
+    temp_dir = Path(tempfile.mkdtemp(prefix="micl-ray-", dir="/tmp"))
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block",
+           "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(400 * 2**20),
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+           "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    log = open(log_dir / "ray-start.log", "w")  # noqa: SIM115 — closed in finally
+    proc = subprocess.Popen(cmd, env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not _http_ok(f"{url}/api/jobs/"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start failed:\n" + (log_dir / "ray-start.log").read_text())
+            time.sleep(0.5)
+        with suppress(psutil.Error):
+            tree = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        yield url, temp_dir
+    finally:
+        _stop_head(proc, tree)
+        log.close()
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def job_config(tmp_path: Path) -> Path:
+    """A tiny real run: synthetic data, a 2-block ViT on 16x16 images, 2 epochs, 1 worker.
+    Storage is a file:// URI (the same code path as s3://); tracking an absolute SQLite path."""
+    cfg = {
+        "model": {"name": "vit_tiny", "img_size": 16, "patch_size": 4, "in_chans": 3,
+                  "embed_dim": 32, "depth": 2, "num_heads": 2},
+        "data": {"source": "synthetic", "synthetic_size": 96, "batch_size": 16,
+                 "map_batch_size": 16, "knn_bank_size": 64, "knn_query_size": 32,
+                 "data_cpus": 0.5},
+        "method": {"name": "micl", "mask_ratio": 0.5},
+        "optim": {"blr": 1.0e-3, "epochs": 2, "warmup_epochs": 1},
+        "run": {"name": "cluster-job", "num_workers": 1, "cpus_per_worker": 1,
+                "torch_threads": 1, "eval_every": 2,
+                "storage_path": (tmp_path / "runs").as_uri(),
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    load_config(path)  # fail here, not inside the job, if the config is wrong
+    return path
+
+
+@pytest.mark.e2e
+def test_ray_job_submit_end_to_end(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    config = job_config(tmp_path)
+    submission_id = f"micl-test-{os.getpid()}-{int(time.time())}"
+    t0 = time.monotonic()
+    with ray_head(tmp_path) as (url, temp_dir):
+        started = time.monotonic() - t0
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", url,
+               "--submission-id", submission_id, "--working-dir", str(ROOT),
+               "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
+               "--", "python", "pipelines/pretrain.py", "--config", str(config)]
+        try:
+            out = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True,
+                                 timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            JobSubmissionClient(url).stop_job(submission_id)
+            raise
+        submitted = time.monotonic() - t0 - started
+        client = JobSubmissionClient(url)
+        status = client.get_job_status(submission_id)
+        logs = client.get_job_logs(submission_id)
+        assert status == JobStatus.SUCCEEDED, \
+            f"job {status}\n--- ray job submit ---\n{out.stdout}\n{out.stderr}\n--- job ---\n{logs}"
+        assert out.returncode == 0
+        assert "micl pre-training finished" in logs
+        print(logs)  # TMPDEBUG
+
+        # What was uploaded: the code, not the virtualenv, the git history or local runs.
+        unpacked = temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+        packages = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
+        assert len(packages) == 1, packages
+        shipped = {p.name for p in packages[0].iterdir()}
+        assert {"micl", "pipelines", "pyproject.toml"} <= shipped
+        assert not shipped & {".venv", ".git", "runs", "mlartifacts", "mlflow.db"}, shipped
+    elapsed = time.monotonic() - t0
+    print(f"\nray start {started:.1f}s, ray job submit (blocking) {submitted:.1f}s, "
+          f"total with ray head shutdown {elapsed:.1f}s")
+
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("micl-pretrain")
+    assert experiment is not None
+    runs = mlflow.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert 0 <= run.data.metrics["knn_top1"] <= 1
+    assert run.data.params["run.storage_path"] == (tmp_path / "runs").as_uri()
+    # The checkpoint went to the file:// storage URI.
+    assert list((tmp_path / "runs" / "cluster-job").glob("checkpoint_*"))
