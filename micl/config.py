@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,22 @@ class MethodConfig:
     temperature: float = 0.07
     kappa: float = 1 / 64
     negatives: str = "local"
+    # MAE / MACRL / MimCo (checked by each method's validate; defaults: MAE and MoCo v3).
+    decoder_dim: int = 512  # MAE decoder (MimCo: predictor) width, depth and heads
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels (MAE, MACRL)
+    strong_mask_ratio: float = 0.9  # MACRL: the strongly augmented branch's mask ratio
+    lambda_c: float = 1.0  # MACRL: contrastive loss weight
+    lambda_r: float = 1.0  # MACRL: reconstruction loss weight
+    proj_dim: int = 256  # MACRL: projector output (MoCo v3: 3-layer MLP, 4096 hidden)
+    proj_hidden_dim: int = 4096
+    share_decoder: bool = True  # MACRL: one decoder for both branches (False: one each)
+    teacher_run_id: str | None = None  # MimCo: MLflow run id of the frozen teacher ...
+    teacher_checkpoint: str | None = None  # ... or a state.pt / checkpoint dir / encoder_timm.pth
+    patch_loss_weight: float = 1.0  # MimCo: patch-level contrastive loss weight
+    image_loss_weight: float = 1.0  # MimCo: image-level contrastive loss weight
+    patch_negatives: str = "batch"  # MimCo: "batch" (all masked patches) or "image" (same image)
 
 
 @dataclass
@@ -99,6 +117,7 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     grad_accum_steps: int = 1
     clip_grad: float | None = None
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (checkpoint first) or "skip"
 
 
 @dataclass
@@ -116,6 +135,9 @@ class RunSettings:
     keep_last: int = 2
     max_failures: int = 0
     torch_threads: int | None = None  # intra-op threads per training worker (None: Ray's choice)
+    # Tests only: "rank@step" kills that worker once at that optimizer step. Refused unless the
+    # driver's environment has MICL_ALLOW_FAULT_INJECTION=1, so no real run can trigger it.
+    inject_fault: str | None = None
 
 
 @dataclass
@@ -217,6 +239,14 @@ def validate(cfg: Config) -> None:
     _positive("run.keep_last", r.keep_last)
     if r.max_failures < -1:
         raise _err("run.max_failures", r.max_failures, "must be >= -1 (-1 retries forever)")
+    if o.nonfinite not in ("stop", "skip"):
+        raise _err("optim.nonfinite", o.nonfinite, "choose 'stop' or 'skip'")
+    if r.inject_fault is not None:
+        if os.environ.get("MICL_ALLOW_FAULT_INJECTION") != "1":
+            raise _err("run.inject_fault", r.inject_fault, "a test-only hook: set "
+                       "MICL_ALLOW_FAULT_INJECTION=1 in the environment to use it")
+        if not re.fullmatch(r"\d+@\d+", str(r.inject_fault)):
+            raise _err("run.inject_fault", r.inject_fault, "expected 'rank@step', e.g. 1@9")
 
 
 def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:

@@ -1,11 +1,16 @@
-"""Frozen-feature evaluation: cls features of the whole image and a weighted kNN classifier."""
+"""Frozen-feature evaluation: cls features of the whole image, a weighted kNN classifier, a
+linear probe, and `evaluate_run` (both protocols on a finished run, logged back to its MLflow run).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from micl.data.transforms import normalize
 from micl.models import MaskedViT
@@ -14,9 +19,10 @@ from micl.models import MaskedViT
 @torch.no_grad()
 def extract_features(encoder: MaskedViT, batches: Iterable[dict[str, torch.Tensor]],
                      mean: list[float], std: list[float], device: torch.device | str = "cpu",
-                     autocast_dtype: torch.dtype | None = None
+                     autocast_dtype: torch.dtype | None = None, l2: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised cls features of the unmasked images ([N, D]) and their labels ([N])."""
+    """cls features of the unmasked images ([N, D], L2-normalised unless l2=False) and their
+    labels ([N])."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
@@ -25,7 +31,7 @@ def extract_features(encoder: MaskedViT, batches: Iterable[dict[str, torch.Tenso
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
             z = encoder(images)
-        feats.append(F.normalize(z.float(), dim=-1).cpu())
+        feats.append((F.normalize(z.float(), dim=-1) if l2 else z.float()).cpu())
         labels.append(batch["label"].cpu())
     encoder.train(was_training)
     if not feats:
@@ -59,3 +65,124 @@ def pixel_knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.T
         return F.normalize(x - x.mean(1, keepdim=True), dim=1)
 
     return knn_top1(flat(bank), bank_labels, flat(query), query_labels, k, temperature)
+
+
+def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor,
+                 test_feats: torch.Tensor, test_labels: torch.Tensor, epochs: int = 90,
+                 batch_size: int = 256, blr: float = 0.1, weight_decay: float = 0.0,
+                 seed: int = 0) -> float:
+    """MAE's linear probe on frozen features: BatchNorm1d(affine=False, eps=1e-6) + Linear
+    (weights ~ N(0, 0.01)), cross-entropy, SGD with momentum 0.9, lr = blr * batch / 256,
+    per-step half-cycle cosine to 0, no weight decay. The features are extracted once (centre
+    crops, no augmentation: MAE augments, which a fixed feature set cannot), so this runs in
+    seconds in-process. Features: raw cls outputs [N, D]. Returns test top-1 accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the head's initialisation
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    head = nn.Sequential(nn.BatchNorm1d(train_feats.shape[1], affine=False, eps=1e-6),
+                         nn.Linear(train_feats.shape[1], num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    lr = blr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    n = train_feats.shape[0]
+    per_epoch = math.ceil(n / batch_size)
+    total, step = epochs * per_epoch, 0
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            step += 1
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
+            loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        pred = head(test_feats).argmax(dim=1)
+    return (pred == test_labels).float().mean().item()
+
+
+PROTOCOLS = ("knn", "linear")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # knn_top1 / linear_top1
+    run_id: str | None  # the MLflow run they were logged to (None: not logged)
+    tracking_uri: str | None
+    step: int  # the MLflow step they were logged at: the epoch of the evaluated weights
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
+                 protocols: Sequence[str] = PROTOCOLS, overrides: Sequence[str] = (),
+                 tracking_uri: str | None = None, log: bool = True,
+                 linear_epochs: int = 90) -> EvalResult:
+    """Evaluate the encoder of a finished run: kNN top-1 and/or linear-probe top-1.
+
+    The encoder comes from the MLflow run `run_id` (exported weights + params) or from
+    `checkpoint` (a Ray Train checkpoint dir / state.pt, or an exported encoder_timm.pth); its
+    config (data, ...) from the same source, with `overrides` ("section.field=value"; model.*
+    is fixed by the weights) on top. The sets are the ones the training loop's kNN uses: the
+    train split (data.knn_bank_size) as kNN bank / probe training set, the val split
+    (data.knn_query_size) as queries / test set, so `knn_top1` here reproduces the run's.
+
+    Logging: the metrics `knn_top1` / `linear_top1` go to the ORIGINAL MLflow run (run_id, or
+    the run a checkpoint records) at step = the epoch of the weights, i.e. next to the run's
+    own last-epoch `knn_top1`; log=False only returns them.
+    """
+    from micl.config import Config, ConfigError, from_dict, nest, parse_override
+    from micl.models.pretrained import load_encoder
+    from micl.pretrain import build_datasets, connect_ray
+    from micl.tracking import RunLogger
+    from micl.tracking import tracking_uri as resolve_uri
+
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        raise ConfigError(f"config error: protocols = {list(protocols)!r}: choose from "
+                          f"{list(PROTOCOLS)}")
+    uri = tracking_uri or None
+    loaded = load_encoder(run_id=run_id, checkpoint=checkpoint,
+                          tracking_uri=uri or resolve_uri())
+    values = (loaded.config or Config(model=loaded.model)).to_dict()
+    for key, value in (parse_override(o) for o in overrides):
+        if key.startswith("model."):
+            raise ConfigError(f"config error: {key}: the architecture comes from the weights")
+        section, name = nest({key: value}).popitem()
+        values.setdefault(section, {}).update(name)
+    cfg = from_dict(values)
+    cfg.model = loaded.model
+
+    connect_ray()
+    sets, _ = build_datasets(cfg, clock_name="micl-eval-unused")  # the training-time kNN sets
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = loaded.encoder.to(device)
+
+    def features(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_features(encoder, sets[name].iter_torch_batches(batch_size=512),
+                                cfg.data.mean, cfg.data.std, device, l2=False)
+
+    (bank, bank_labels), (query, query_labels) = features("knn_bank"), features("knn_query")
+    metrics: dict[str, float] = {}
+    if "knn" in protocols:
+        metrics["knn_top1"] = knn_top1(F.normalize(bank, dim=-1), bank_labels,
+                                       F.normalize(query, dim=-1), query_labels)
+    if "linear" in protocols:
+        metrics["linear_top1"] = linear_probe(bank, bank_labels, query, query_labels,
+                                              epochs=linear_epochs, seed=cfg.run.seed)
+    target_run = run_id or loaded.run_id
+    step = int(loaded.epoch or 0)
+    log_uri = uri or resolve_uri(cfg if run_id is None else None)
+    if log and target_run:
+        logger = RunLogger(log_uri, target_run)
+        logger.metrics(metrics, step=step)
+        if logger.failed:
+            raise RuntimeError(f"could not log to MLflow run {target_run} at {log_uri}")
+    return EvalResult(metrics, target_run if log else None, log_uri if log else None, step,
+                      {"bank_size": len(bank_labels), "query_size": len(query_labels)})

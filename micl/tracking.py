@@ -26,6 +26,39 @@ def tracking_uri(cfg: Config | None = None) -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def reachable(uri: str, timeout: float = 3.0) -> bool:
+    """A quick TCP check of an http(s) tracking server (MLflow's own client would retry a
+    closed port for minutes); other stores (sqlite, file) count as reachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return True
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def open_run(cfg: Config, run_name: str, **kwargs: Any) -> str | None:
+    """`start_or_resume_run`, except that an unreachable or failing store gives a warning and
+    None (train without MLflow; metrics stay in the Ray Train result) instead of an error."""
+    uri = tracking_uri(cfg)
+    why = None if reachable(uri) else "the server does not answer"
+    if why is None:
+        try:
+            return start_or_resume_run(cfg, run_name, **kwargs)
+        except Exception as e:  # noqa: BLE001 — tracking must not stop training
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    warnings.warn(f"MLflow tracking at {uri} is unavailable ({why}): training continues "
+                  "WITHOUT recording to MLflow; metrics stay in the Ray Train result.",
+                  stacklevel=2)
+    return None
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -80,6 +113,9 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
         self.failed = False
+        # Fail fast on a dead server instead of MLflow's minutes of retries per call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
         if self.failed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -64,8 +65,70 @@ def unwrap(model: torch.nn.Module) -> Objective:
 
 def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int,
                step: int, cfg: Config, extra: dict[str, Any]) -> None:
+    """Write the training state to a temporary name, then rename: a crash mid-write never
+    leaves a truncated state.pt (Ray Train registers the directory only after this returns)."""
+    tmp = path.with_suffix(".tmp")
     torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "epoch": epoch, "step": step, "config": cfg.to_dict(), **extra}, path)
+                "epoch": epoch, "step": step, "config": cfg.to_dict(),
+                "torch_rng": torch.get_rng_state(), **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint_on_storage(run_dir: str) -> ray.train.Checkpoint | None:
+    """The newest `checkpoint_*` directory of a run that holds a complete state file (written
+    by save_state's rename, so never a partial one); local paths or any pyarrow URI."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir \
+        else (pafs.LocalFileSystem(), str(Path(run_dir).resolve()))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
+    for d in dirs:
+        if fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File:
+            return ray.train.Checkpoint(d, filesystem=fs)
+    return None
+
+
+def parse_fault(spec: str | None) -> tuple[int, int] | None:
+    """`run.inject_fault = "rank@step"` (tests only; see config validation) -> (rank, step)."""
+    if not spec:
+        return None
+    rank, step = spec.split("@")
+    return int(rank), int(step)
+
+
+def _inject_fault(loop_config: dict[str, Any], rank: int, step: int) -> None:
+    """Kill this worker process hard, once per run (a marker file keeps the restarted worker
+    alive), the way a preempted node or an OOM kill would."""
+    marker = Path(loop_config["fault_marker_dir"]) / f"fault-{rank}-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    print(f"[micl] injected fault: rank {rank} exits at step {step}", flush=True)
+    os._exit(1)
+
+
+def _stop_on_nonfinite(rank: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                       epoch: int, step: int, cfg: Config, loop_config: dict[str, Any],
+                       knn_init: float | None) -> None:
+    """Save the state from before the bad step (not yet applied), report it, and stop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_state(Path(tmp) / STATE_FILE, model, opt, epoch, step, cfg,
+                       {"mlflow_run_id": loop_config.get("mlflow_run_id"),
+                        "knn_top1_init": knn_init, "nonfinite_at_step": step})
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"epoch": epoch, "step": step, "nonfinite": 1}, checkpoint=ckpt)
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {step + 1} (epoch {epoch + 1}): stopped; the "
+        f"checkpoint from before that step was saved. Lower optim.blr, set optim.clip_grad, or "
+        f"set optim.nonfinite=skip to skip such steps")
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -83,7 +146,9 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def _to_device(batch: dict[str, torch.Tensor], cfg: Config, device: torch.device
                ) -> dict[str, torch.Tensor]:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    out["image"] = normalize(out["image"], cfg.data.mean, cfg.data.std)
+    for k in out:
+        if k.startswith("image"):  # every view of the method (Objective.image_views)
+            out[k] = normalize(out[k], cfg.data.mean, cfg.data.std)
     return out
 
 
@@ -112,27 +177,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     torch.manual_seed(cfg.run.seed)
+    if loop_config.get("tracking_uri"):  # objectives that read MLflow (a MimCo teacher) must
+        os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]  # see the driver's store
     objective = build_objective(cfg)
     global_batch = cfg.data.batch_size * max(world, 1) * cfg.optim.grad_accum_steps
     base_lr = cfg.optim.blr * global_batch / 256
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=base_lr,
                             betas=(cfg.optim.beta1, cfg.optim.beta2), fused=on_gpu or None)
     start_epoch, step, knn_init = 0, 0, None
+    clock = epoch_clock(loop_config["clock_name"])
+    # The driver's clock outlives worker groups: how many times this fit has started the loop.
+    restarts = [ray.get(clock.count_start.remote()) if rank == 0 else 0]
+    if world > 1:
+        dist.broadcast_object_list(restarts, src=0)
+    restarts = restarts[0]
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and restarts:
+        # Ray Train registers a reported checkpoint at its next poll of the workers (every 2 s);
+        # a worker that dies sooner after a report leaves it complete on storage but unknown.
+        checkpoint = latest_checkpoint_on_storage(loop_config["run_dir"])
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint)
         objective.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
         knn_init = state.get("knn_top1_init")
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
     model = ray.train.torch.prepare_model(objective) if world > 1 else objective.to(device)
 
     logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) \
         if rank == 0 and loop_config.get("mlflow_run_id") else None
     per_epoch = steps_per_epoch(loop_config["num_train"], cfg, world)
     shard = ray.train.get_dataset_shard("train")
-    clock = epoch_clock(loop_config["clock_name"])
     accum = cfg.optim.grad_accum_steps
+    if restarts and rank == 0:
+        print(f"[micl] restart {restarts}: resuming from epoch {start_epoch}, step {step}")
+    fault = parse_fault(cfg.run.inject_fault)
+    skipped_steps = 0
 
     if start_epoch == 0 and rank == 0 and loop_config.get("eval_init", True):
         knn_init = evaluate_knn(unwrap(model).encoder, cfg, device, autocast_dtype)
@@ -165,15 +247,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                   model.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
                 loss, _ = model(batch)
                 (loss / accum).backward()
-            loss_sum += loss.detach()
             n_batches += 1
             n_images += batch["image"].shape[0]
-            if sync:
-                if cfg.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
+            if not sync:
+                loss_sum += loss.detach()
+                continue
+            # The grad norm is computed from DDP's all-reduced gradients, so every rank sees
+            # the same verdict and they stay in lockstep (one host sync per optimizer step).
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.optim.clip_grad or math.inf)
+            if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+                if cfg.optim.nonfinite == "skip":
+                    opt.zero_grad(set_to_none=True)
+                    skipped_steps += 1
+                    continue
+                _stop_on_nonfinite(rank, model, opt, epoch, step, cfg, loop_config, knn_init)
+            loss_sum += loss.detach()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if fault and fault == (rank, step):
+                _inject_fault(loop_config, rank, step)
         elapsed = time.perf_counter() - t0
         total_loss, total_batches, total_images = _all_reduce_sum(
             [loss_sum.item(), n_batches, n_images], device)
@@ -187,13 +281,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise RuntimeError("the training stream produced no full batch this epoch: "
                                f"data.batch_size = {cfg.data.batch_size} is larger than each "
                                "worker's share of the data")
-        loss_value = total_loss / total_batches
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite loss {loss_value} in epoch {epoch + 1}; "
-                                     "lower optim.blr or check the data")
+        loss_value = total_loss / max(total_batches - skipped_steps * accum, 1)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "loss": loss_value, "lr": lr,
             "images_per_s": total_images / elapsed, "skipped": total_skipped,
+            "restarts": restarts, "skipped_steps": skipped_steps,
         }
         last = epoch + 1 == cfg.optim.epochs
         if rank == 0 and ((epoch + 1) % cfg.run.eval_every == 0 or last):
@@ -201,10 +293,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                autocast_dtype)
         if knn_init is not None:
             metrics["knn_top1_init"] = knn_init
-        print(f"[micl] epoch {epoch + 1}/{cfg.optim.epochs} " + " ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",)))
-        if logger:
-            logger.metrics(metrics, step=epoch + 1)
+        if rank == 0:
+            print(f"[micl] epoch {epoch + 1}/{cfg.optim.epochs} " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",)))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and ((epoch + 1) % cfg.run.checkpoint_every == 0 or last):
@@ -213,6 +304,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "knn_top1_init": knn_init})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        # Logged once the epoch's checkpoint is safe: a crash between the two can lose an
+        # epoch's MLflow row but never log an epoch twice after the resume.
+        if logger:
+            logger.metrics(metrics, step=epoch + 1)
 
     if logger:
         _log_encoder(logger, unwrap(model), cfg)
@@ -235,7 +330,8 @@ def _log_encoder(logger: RunLogger, objective: Objective, cfg: Config) -> None:
 def _log_mask_picture(logger: RunLogger, batch: dict[str, torch.Tensor], cfg: Config) -> None:
     from micl.plots import masked_views_figure
 
-    masks = {k: v for k, v in batch.items() if k not in ("image", "label", "sample_id", "path")}
+    masks = {k: v for k, v in batch.items()
+             if not k.startswith("image") and k not in ("label", "sample_id", "path")}
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "masked_views.png"
         masked_views_figure(batch["image"][:6], {k: v[:6] for k, v in masks.items()},

@@ -11,13 +11,14 @@ them, and the pipeline runs as a real `ray job submit` job.
   submits `pipelines/pretrain.py` with `ray job submit --working-dir <repo>`, and checks the
   MLflow store and the checkpoint the job wrote.
 
-Stopping that head: `ray stop` would not do. It finds processes by name (raylet, gcs_server,
-...) and terminates every Ray process on the machine, including the cluster of the session
-fixture `ray_local` and any other test run sharing the machine. Instead the head is started
-with `ray start --block` in a new session: that process owns everything it started and shuts it
-down on SIGTERM; the pids of its whole process tree are recorded while the cluster is up, and
-any of them still alive after the shutdown are killed (workers live in their own process groups,
-so a process-group kill alone would miss them).
+Stopping that head: `ray stop` will not do. It matches processes by name (raylet, gcs_server,
+...) and terminates every Ray process on the machine: the cluster of the session fixture
+`ray_local`, and any other test run sharing the machine. So the head is started with
+`ray start --block` in a new session: on SIGTERM that process shuts down everything it started,
+in Ray's own order. Its process tree (GCS, raylet, dashboard, workers, the job's driver) is
+recorded from /proc while the cluster is up and again at teardown, and whatever of it outlives
+a grace period is killed by pid (a process-group kill would miss the workers, which Ray puts in
+process groups of their own).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,20 +40,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from micl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests, and its `ray`
+VENV_BIN = Path(sys.executable).parent  # the environment running the tests
+RAY_CLI = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else shutil.which("ray") or "ray"
 CLUSTER_YAML = ROOT / "cluster.yaml"
 RAYJOB_YAML = ROOT / "deploy" / "rayjob.yaml"
 IMAGENET_CONFIG = ROOT / "configs" / "imagenet_vitl16.yaml"
 
 # Never part of a job's working-dir upload: the virtualenv (GBs), local run outputs and
-# tracking stores, and git history. docs/cluster.md shows the same list.
+# tracking stores, and git history. README.md ("Run on a cluster") shows the same list.
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "outputs",
                    "__pycache__"]
 
@@ -76,8 +79,6 @@ def dist_name(spec: str) -> str:
 
 def shell_words(commands: list[str]) -> set[str]:
     """Every word of the commands with shell quotes stripped, as pip would receive it."""
-    import shlex
-
     words: set[str] = set()
     for command in commands:
         words.update(shlex.split(command, comments=True))
@@ -125,6 +126,18 @@ def test_cluster_yaml_passes_ray_schema_validation():
     prepared = prepare_config(raw)
     validate_config(prepared)
     assert prepared["provider"]["type"] == "aws"
+
+
+def test_ray_schema_validation_is_strict():
+    """The check above is not vacuous: a misspelled field fails it, as it would fail `ray up`."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    gpu = next(t for t in raw["available_node_types"].values() if "GPU" in t.get("resources", {}))
+    gpu["max_worker"] = gpu.pop("max_workers")
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        validate_config(prepare_config(raw))
 
 
 def test_cluster_yaml_node_types():
@@ -249,6 +262,16 @@ def test_local_storage_path_is_made_absolute(tmp_path, monkeypatch):
         str(tmp_path / "runs")
 
 
+def test_docs_show_the_tested_submit_command():
+    """README.md ("Run on a cluster") and the headers of cluster.yaml and the ImageNet config give the same
+    upload excludes as the job test below uses."""
+    excludes = json.dumps({"excludes": UPLOAD_EXCLUDES})
+    for path in (ROOT / "README.md", CLUSTER_YAML, IMAGENET_CONFIG):
+        text = path.read_text()
+        assert f"--runtime-env-json '{excludes}'" in text, path
+        assert "ray job submit" in text and "--working-dir ." in text, path
+
+
 # ----------------------------------------------------------------------------- ray job submit
 
 
@@ -270,27 +293,71 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _stop_head(proc: subprocess.Popen, tree: set[int]) -> None:
-    """SIGTERM `ray start --block` (it stops what it started); then kill, by pid, whatever of
-    its recorded process tree outlived it. Touches no other Ray cluster on the machine."""
-    with suppress(psutil.Error):
-        tree |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a process from /proc/<pid>/stat; None when gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _same_live_process(pid: int, start: int) -> bool:
+    """Alive, and not a recycled pid (the start time is part of a process's identity)."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X") and stat[2] == start
+
+
+def process_tree(root: int) -> dict[int, int]:
+    """{pid: start time} of `root` and all its live descendants (Linux /proc)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat[1], []).append((int(entry.name), stat[2]))
+    root_stat = _proc_stat(root)
+    if root_stat is None:
+        return {}
+    tree: dict[int, int] = {}
+    todo = [(root, root_stat[2])]
+    while todo:
+        pid, start = todo.pop()
+        if pid not in tree:
+            tree[pid] = start
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def _signal_all(procs: dict[int, int], sig: int) -> None:
+    for pid, start in procs.items():
+        if _same_live_process(pid, start):
+            with suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def _wait_gone(procs: dict[int, int], timeout: float) -> dict[int, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {p: s for p, s in procs.items() if _same_live_process(p, s)}
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def stop_head(proc: subprocess.Popen, tree: dict[int, int]) -> None:
+    """Stop exactly the processes of this head, never another cluster's. SIGTERM to
+    `ray start --block` makes it shut down what it started in Ray's own order (first the
+    raylet, which stops its workers; a few seconds). Whatever of the recorded process tree is
+    still alive after a grace period gets SIGKILL, by pid."""
+    procs = {**tree, **process_tree(proc.pid)}
+    procs.pop(os.getpid(), None)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    survivors = []
-    for pid in tree:
-        with suppress(psutil.Error):
-            survivors.append(psutil.Process(pid))
-    _, alive = psutil.wait_procs(survivors, timeout=10)
-    for p in alive:
-        with suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    survivors = _wait_gone(procs, timeout=10)
+    _signal_all(survivors, signal.SIGKILL)
+    _wait_gone(survivors, timeout=5)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 @contextmanager
@@ -302,30 +369,27 @@ def ray_head(log_dir: Path) -> Iterator[tuple[str, Path]]:
     are limited to ~107 bytes, too short for pytest's tmp_path)."""
     gcs, dashboard, client, agent = free_ports(4)
     temp_dir = Path(tempfile.mkdtemp(prefix="micl-ray-", dir="/tmp"))
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block",
+    cmd = [RAY_CLI, "start", "--head", "--block",
            "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(400 * 2**20),
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
            "--temp-dir", str(temp_dir), "--disable-usage-stats"]
-    log = open(log_dir / "ray-start.log", "w")  # noqa: SIM115 — closed in finally
+    log = open(log_dir / "ray-start.log", "w")  # closed in the finally below
     proc = subprocess.Popen(cmd, env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
-    tree: set[int] = set()
+    tree: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 120
         while not _http_ok(f"{url}/api/jobs/"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("ray start failed:\n" + (log_dir / "ray-start.log").read_text())
             time.sleep(0.5)
-        with suppress(psutil.Error):
-            tree = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        tree = process_tree(proc.pid)
         yield url, temp_dir
     finally:
-        _stop_head(proc, tree)
+        stop_head(proc, tree)
         log.close()
-        import shutil
-
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -361,7 +425,7 @@ def test_ray_job_submit_end_to_end(tmp_path):
     t0 = time.monotonic()
     with ray_head(tmp_path) as (url, temp_dir):
         started = time.monotonic() - t0
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", url,
+        cmd = [RAY_CLI, "job", "submit", "--address", url,
                "--submission-id", submission_id, "--working-dir", str(ROOT),
                "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
                "--", "python", "pipelines/pretrain.py", "--config", str(config)]
@@ -379,7 +443,6 @@ def test_ray_job_submit_end_to_end(tmp_path):
             f"job {status}\n--- ray job submit ---\n{out.stdout}\n{out.stderr}\n--- job ---\n{logs}"
         assert out.returncode == 0
         assert "micl pre-training finished" in logs
-        print(logs)  # TMPDEBUG
 
         # What was uploaded: the code, not the virtualenv, the git history or local runs.
         unpacked = temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"

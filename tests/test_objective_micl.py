@@ -9,7 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from micl.config import load_config
+from micl.config import ModelConfig, load_config
+from micl.models import MaskedViT
+from micl.models.pretrained import export_encoder
 from micl.objectives import OBJECTIVES, build_objective
 from micl.objectives.micl import micl_loss, tvmf_similarity
 
@@ -103,14 +105,26 @@ def test_global_negatives_on_two_processes_equal_local_on_the_whole_batch():
     torch.testing.assert_close(out[1:].reshape(4, 6), lin.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+def _teacher_overrides(name, tmp_path):
+    """MimCo needs a frozen teacher: a small exported encoder (narrower than the student)."""
+    if name != "mimco":
+        return []
+    m = ModelConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    return [f"method.teacher_checkpoint={export_encoder(MaskedViT.from_config(m), m, tmp_path)}"]
+
+
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_every_registered_objective_trains_a_step(name):
+def test_every_registered_objective_trains_a_step(name, tmp_path):
     cfg = load_config(overrides=[f"method.name={name}", "model.depth=2", "model.embed_dim=64",
-                                 "model.num_heads=4", "method.mask_ratio=0.5"])
+                                 "model.num_heads=4", "method.mask_ratio=0.5",
+                                 "method.decoder_dim=64", "method.decoder_depth=1",
+                                 "method.decoder_heads=4", "method.proj_hidden_dim=128",
+                                 *_teacher_overrides(name, tmp_path)])
     obj = build_objective(cfg)
     rng = np.random.default_rng(0)
     masks = {k: torch.from_numpy(v) for k, v in obj.draw_masks(cfg, 8, rng).items()}
-    batch = {"image": torch.randn(8, 1, 28, 28), **masks}
+    images = {col: torch.randn(8, 1, 28, 28) for col in obj.image_views(cfg)}  # macrl: 2 views
+    batch = {**images, **masks}
     opt = torch.optim.AdamW(obj.parameters(), lr=1e-3)
     losses = []
     for _ in range(5):

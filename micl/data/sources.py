@@ -52,7 +52,7 @@ _EVAL_SPLIT_ALIASES = ("val", "test", "t10k", "validation")
 SYNTHETIC_SEED = 0x5EED
 SYNTHETIC_VAL_OFFSET = 1 << 40
 
-_SUBSET_SEED = 0  # the limit_train subset of a folder is the same whatever run.seed is
+_SUBSET_SEED = 0  # a capped subset of a folder is the same whatever run.seed is
 
 # Read tasks per file source: blocks of map_batch_size files (so map batches are full),
 # but no more than this many blocks (task overhead on ImageNet-sized folders).
@@ -66,13 +66,15 @@ class DataError(ConfigError):
 # ----------------------------------------------------------------------------- public API
 
 
-def load_split(cfg: Config, split: str) -> ray.data.Dataset:
+def load_split(cfg: Config, split: str, limit: int | None = None) -> ray.data.Dataset:
     """The raw samples of `split` (cfg.data.train_split or cfg.data.val_split) of cfg.data.source.
 
     Columns: image (binary or uint8 array), label int64, sample_id int64, path string.
-    The train split is cut to cfg.data.limit_train samples when set. File sources shuffle the
-    train split's file order per execution (seeded by run.seed), so each epoch's batches mix
-    classes; array sources are read in order (Fashion-MNIST is already shuffled).
+    At most `limit` samples (default: cfg.data.limit_train for the train split, all for
+    others), a fixed subset chosen before any file is read (kNN banks of ImageNet stay cheap).
+    File sources shuffle the train split's file order per execution (seeded by run.seed), so
+    each epoch's batches mix classes; array sources are read in order (Fashion-MNIST is
+    already shuffled).
     """
     loaders: dict[str, Callable[[Config, str], ray.data.Dataset]] = {
         "fashion_mnist": _load_fashion_mnist,
@@ -82,7 +84,21 @@ def load_split(cfg: Config, split: str) -> ray.data.Dataset:
     }
     if cfg.data.source not in loaders:
         raise ConfigError(f"config error: data.source = {cfg.data.source!r}: unknown source")
-    return loaders[cfg.data.source](cfg, split)
+    cap = limit if limit is not None else cfg.data.limit_train if _is_train(cfg, split) else None
+    return loaders[cfg.data.source](cfg, split, cap)
+
+
+def split_size(cfg: Config, split: str, limit: int | None = None) -> int:
+    """How many samples `load_split` gives (files, before any is found undecodable), from the
+    listing or Parquet metadata: no image is read."""
+    cap = limit if limit is not None else cfg.data.limit_train if _is_train(cfg, split) else None
+    if cfg.data.source == "imagefolder":
+        return len(_imagefolder_files(cfg, split, cap)[3])
+    if cfg.data.source == "parquet":
+        fs, files, _ = _parquet_files(cfg, split)
+        rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
+        return min(rows, cap or rows)
+    return load_split(cfg, split, limit).count()  # in-memory sources: cheap
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -190,7 +206,7 @@ def _find_idx(directory: str, name: str) -> str | None:
     return None
 
 
-def _load_fashion_mnist(cfg: Config, split: str) -> ray.data.Dataset:
+def _load_fashion_mnist(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
     directory = cfg.data.path or FASHION_MNIST_DIR
     key = "train" if _is_train(cfg, split) else "test" if _is_eval(cfg, split) else None
     if key is None:
@@ -204,8 +220,8 @@ def _load_fashion_mnist(cfg: Config, split: str) -> ray.data.Dataset:
     images, labels = read_idx(found[0]), read_idx(found[1])  # [N, 28, 28] uint8, [N]
     if len(images) != len(labels):
         raise DataError(f"data error: {directory}: {len(images)} images but {len(labels)} labels")
-    if key == "train" and cfg.data.limit_train:
-        images, labels = images[: cfg.data.limit_train], labels[: cfg.data.limit_train]
+    if cap:  # the files are already in random order
+        images, labels = images[:cap], labels[:cap]
     return from_arrays(images, labels, cfg.data.map_batch_size)
 
 
@@ -263,7 +279,9 @@ def _imagefolder_classes(cfg: Config) -> list[str]:
     return classes
 
 
-def _load_imagefolder(cfg: Config, split: str) -> ray.data.Dataset:
+def _imagefolder_files(cfg: Config, split: str, cap: int | None
+                       ) -> tuple[pafs.FileSystem, str, list[str], list[tuple[str, int]]]:
+    """(filesystem, split root, classes, [(relative path, label)]) after the cap."""
     fs, root = _imagefolder_split_root(cfg, split)
     if _is_train(cfg, split):
         classes = None
@@ -278,12 +296,17 @@ def _load_imagefolder(cfg: Config, split: str) -> ray.data.Dataset:
         raise DataError(f"data error: {where}: no class folders (expected {where}/<class>/<image>)")
     if not files:
         raise DataError(f"data error: {where}: no files in its {len(classes)} class folders")
-    train = _is_train(cfg, split)
-    if train and cfg.data.limit_train and cfg.data.limit_train < len(files):
+    if cap and cap < len(files):
         # A fixed random subset, not the first classes of the sorted listing.
         order = np.random.default_rng(_SUBSET_SEED).permutation(len(files))
-        keep = order[: cfg.data.limit_train]
+        keep = order[:cap]
         files = [files[i] for i in sorted(keep)]
+    return fs, root, classes, files
+
+
+def _load_imagefolder(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+    fs, root, classes, files = _imagefolder_files(cfg, split, cap)
+    train = _is_train(cfg, split)
     paths = [posixpath.join(root, rel) for rel, _ in files]
     index = {c: i for i, c in enumerate(classes)}
     ds = ray.data.read_binary_files(
@@ -317,7 +340,8 @@ class _FolderLabeler:
 PARQUET_COLUMNS = ("image", "label", "sample_id")
 
 
-def _load_parquet(cfg: Config, split: str) -> ray.data.Dataset:
+def _parquet_files(cfg: Config, split: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
+    """(filesystem, shard paths, columns to read) of a split, checked."""
     fs, root = resolve_path(cfg.data.path)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise DataError(f"data error: {cfg.data.path}: no such directory")
@@ -336,9 +360,14 @@ def _load_parquet(cfg: Config, split: str) -> ray.data.Dataset:
         raise DataError(f"data error: {files[0]}: missing column(s) {missing} "
                         "(write shards with pipelines/prepare_data.py)")
     columns = [*PARQUET_COLUMNS, *(["path"] if "path" in schema.names else [])]
+    return fs, files, columns
+
+
+def _load_parquet(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+    fs, files, columns = _parquet_files(cfg, split)
     train = _is_train(cfg, split)
-    if train and cfg.data.limit_train:
-        ds = _first_parquet_rows(fs, files, columns, cfg.data.limit_train)
+    if cap:  # prepare_data.py shuffles rows across shards, so the first rows are a fair sample
+        ds = _first_parquet_rows(fs, files, columns, cap)
     else:
         ds = _read_parquet(files, fs, columns,
                            shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None)
@@ -424,16 +453,15 @@ def _class_tint(c: int, n_classes: int, channels: int) -> np.ndarray:
     return (0.75 + 0.25 * np.cos(hue)).astype(np.float32)  # [3]
 
 
-def _load_synthetic(cfg: Config, split: str) -> ray.data.Dataset:
+def _load_synthetic(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
     d = cfg.data
     if _is_train(cfg, split):
         n, offset = d.synthetic_size, 0
-        if d.limit_train:
-            n = min(n, d.limit_train)
     elif _is_eval(cfg, split):
         n, offset = max(d.synthetic_size // 4, d.synthetic_classes), SYNTHETIC_VAL_OFFSET
     else:
         raise DataError(f"data error: the synthetic source has no split {split!r}")
+    n = min(n, cap or n)
     if n <= 0 or d.synthetic_classes <= 0:
         raise DataError(f"data error: synthetic source with {n} samples of "
                         f"{d.synthetic_classes} classes")

@@ -35,6 +35,7 @@ import ray
 from PIL import Image
 
 from micl.config import Config
+from micl.data.augment import strong_augment
 from micl.data.masking import sample_rng
 from micl.data.sources import DataError
 from micl.data.transforms import center_box, mode_for, random_resized_crop_params, to_pil
@@ -55,9 +56,20 @@ class EpochClock:
     drop_last or an equal split may cut off)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A new fit: forget the previous one's counts (the driver calls this)."""
         self._epoch = 0
         self._skipped: dict[int, int] = {}
         self._examples: list[str] = []
+        self._starts = 0
+
+    def count_start(self) -> int:
+        """Called once per start of the training loop; returns how many starts came before
+        (0 for the first: a restart after a worker failure returns >= 1)."""
+        self._starts += 1
+        return self._starts - 1
 
     def set(self, epoch: int) -> None:
         self._epoch = int(epoch)
@@ -115,9 +127,11 @@ def _call_clock(name: str, method: str, *args: Any) -> Any:
 def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str) -> ray.data.Dataset:
     """Pre-training batches from `load_split` rows.
 
-    Columns: image uint8 [B, C, H, W] (C = model.in_chans, H = W = model.img_size), label int64
-    [B], sample_id int64 [B], one int64 [B, k] array per mask of the method (micl: view1, view2),
-    skipped int64 [B] (see the module docstring). `epoch`: an int, or an EpochClock name.
+    Columns: image uint8 [B, C, H, W] (C = model.in_chans, H = W = model.img_size), one more
+    such column per extra view of the method (`Objective.image_views`; macrl: image_strong),
+    label int64 [B], sample_id int64 [B], one int64 [B, k] array per mask of the method (micl:
+    view1, view2), skipped int64 [B] (see the module docstring). `epoch`: an int, or an
+    EpochClock name. Per sample, the views are drawn in column order, then the masks.
     """
     _check_shape_config(cfg)
     mapper = _TrainMapper(cfg, epoch)
@@ -157,6 +171,7 @@ class _TrainMapper:
         self.cfg = cfg
         self.epoch = epoch
         self.objective = OBJECTIVES[cfg.method.name]
+        self.views = self.objective.image_views(cfg)  # column -> "weak" | "strong"
         self.seed = cfg.run.seed
         self.size = cfg.model.img_size
         self.channels = cfg.model.in_chans
@@ -175,7 +190,8 @@ class _TrainMapper:
         epoch = self.epoch if isinstance(self.epoch, int) else _clock_epoch(self.epoch)
         images, sample_ids = batch["image"], batch["sample_id"]
         n = len(sample_ids)
-        out = np.empty((n, self.channels, self.size, self.size), np.uint8)  # [B, C, H, W]
+        outs = {col: np.empty((n, self.channels, self.size, self.size), np.uint8)  # [B, C, H, W]
+                for col in self.views}
         keep = np.zeros(n, bool)
         masks: dict[str, list[np.ndarray]] = {k: [] for k in self.empty_masks}
         kept = 0
@@ -184,12 +200,8 @@ class _TrainMapper:
             if img is None:
                 continue
             rng = sample_rng(self.seed, epoch, int(sample_ids[i]))
-            w, h = img.size
-            box = random_resized_crop_params(h, w, self.scale, _CROP_RATIO, rng)
-            a = np.asarray(img.resize((self.size, self.size), _BICUBIC, box=box))  # [H, W(, C)]
-            if self.hflip and rng.random() < 0.5:
-                a = a[:, ::-1]
-            out[kept] = a.transpose(2, 0, 1) if a.ndim == 3 else a  # [C, H, W]
+            for col, augmentation in self.views.items():
+                outs[col][kept] = self._view(img, augmentation, rng)
             keep[i] = True
             kept += 1
             for k, v in self.objective.draw_masks(self.cfg, 1, rng).items():
@@ -209,7 +221,7 @@ class _TrainMapper:
                                               if not k]
             _call_clock(self.epoch, "add_skipped", epoch, bad, bad_paths[:5])
         result = {
-            "image": out[:kept],
+            **{col: out[:kept] for col, out in outs.items()},
             "label": np.asarray(batch["label"], np.int64)[keep],
             "sample_id": np.asarray(sample_ids, np.int64)[keep],
             "skipped": skipped,
@@ -217,6 +229,21 @@ class _TrainMapper:
         for k, rows in masks.items():
             result[k] = np.stack(rows).astype(np.int64, copy=False) if rows else self.empty_masks[k]
         return result
+
+    def _view(self, img: Image.Image, augmentation: str, rng: np.random.Generator) -> np.ndarray:
+        """One augmented view: RandomResizedCrop, flip, and for "strong" colour jitter,
+        grayscale and blur. Returns uint8 [C, H, W]."""
+        w, h = img.size
+        box = random_resized_crop_params(h, w, self.scale, _CROP_RATIO, rng)
+        view = img.resize((self.size, self.size), _BICUBIC, box=box)
+        a = np.asarray(view)  # [H, W(, C)]
+        if self.hflip and rng.random() < 0.5:
+            a = a[:, ::-1]
+        if augmentation == "strong":
+            a = np.asarray(strong_augment(Image.fromarray(np.ascontiguousarray(a)), rng))
+        elif augmentation != "weak":
+            raise ValueError(f"unknown augmentation {augmentation!r} (weak or strong)")
+        return a.transpose(2, 0, 1) if a.ndim == 3 else a  # [C, H, W]
 
 
 class _EvalMapper:

@@ -8,6 +8,11 @@ Parameter names already match timm's; the one difference is the position embeddi
 fixed sin-cos table over the L patches, timm's a [1, 1 + L, D] parameter that includes the cls
 position. The export prepends a zero row for the cls token (as MAE does), which makes the two
 models compute the same cls features (tests/test_export.py).
+
+Every method keeps its encoder as `objective.encoder` (a MaskedViT), so this covers them all
+(MiCL, MAE, MACRL, and the MimCo student); decoders, projectors, predictors and a MimCo
+teacher are training machinery and are not exported. `micl.models.pretrained` loads these
+files back (`encoder_from_timm`, `load_encoder`).
 """
 
 from __future__ import annotations

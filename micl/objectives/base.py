@@ -46,6 +46,13 @@ class Objective(nn.Module):
     def validate(cls, cfg: Config) -> None:
         """Method-specific config checks; raise ConfigError naming the field."""
 
+    @classmethod
+    def image_views(cls, cfg: Config) -> dict[str, str]:
+        """The image columns the stream must produce: column -> augmentation ("weak": crop +
+        flip; "strong": its own crop + flip + colour jitter, grayscale, blur). Every column
+        whose name starts with "image" is normalised on the training device."""
+        return {"image": "weak"}
+
     @staticmethod
     def draw_masks(cfg: Config, batch_size: int, rng: np.random.Generator
                    ) -> dict[str, np.ndarray]:

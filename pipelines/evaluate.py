@@ -1,0 +1,61 @@
+"""Evaluate a pre-trained encoder: weighted kNN and/or a linear probe on frozen cls features.
+
+    python pipelines/evaluate.py --run-id <mlflow run id> --protocol linear
+    python pipelines/evaluate.py --checkpoint runs/<run>/checkpoint_000004 --protocol all
+    python pipelines/evaluate.py --run-id <id> --set data.knn_bank_size=60000
+
+The numbers (`knn_top1`, `linear_top1`) are printed and logged to the run's own MLflow run at
+the step of its last epoch (see micl.evaluate.evaluate_run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from micl.config import ConfigError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="MLflow run id of a pre-training run")
+    source.add_argument("--checkpoint", help="Ray Train checkpoint dir, state.pt, or "
+                        "encoder_timm.pth (with timm_model.json beside it)")
+    parser.add_argument("--protocol", choices=["knn", "linear", "all"], default="all")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE", help="override a config field (data.*)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
+                        "or sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--linear-epochs", type=int, default=90, help="linear probe epochs")
+    parser.add_argument("--no-log", action="store_true", help="print only, log nothing")
+    args = parser.parse_args(argv)
+    protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
+
+    from micl.evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(run_id=args.run_id, checkpoint=args.checkpoint,
+                              protocols=protocols, overrides=args.overrides,
+                              tracking_uri=args.tracking_uri, log=not args.no_log,
+                              linear_epochs=args.linear_epochs)
+    except ConfigError as e:  # includes DataError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sizes = result.extra
+    print(f"\n== micl evaluation ({sizes['bank_size']} train / {sizes['query_size']} test "
+          "images) ==")
+    for name, value in result.metrics.items():
+        print(f"{name:<12} {value:.4f}")
+    if result.run_id:
+        print(f"logged to MLflow run {result.run_id} (step {result.step}) at "
+              f"{result.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""MAE, MACRL, MimCo (and MiCL) through the real pipeline, plus method-specific unit tests.
+
+End-to-end tests: local Ray, a real TorchTrainer, a real MLflow SQLite store in a temporary
+directory, tiny ViTs on tiny synthetic data. The MiCL run made here is also the MimCo teacher
+and the run the evaluation protocols are tested on.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from micl.config import ConfigError, ModelConfig, load_config
+from micl.data.augment import strong_augment
+from micl.data.masking import sample_mae_mask
+from micl.data.stream import _TrainMapper
+from micl.evaluate import evaluate_run
+from micl.models import MaskedViT
+from micl.models.decoder import patchify, reconstruction_loss
+from micl.models.pretrained import export_encoder, load_encoder
+from micl.objectives import OBJECTIVES, build_objective
+from micl.objectives.mimco import patch_info_nce
+from micl.pretrain import run_pretraining
+from micl.train import STATE_FILE, param_groups, save_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.img_size=16", "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32",
+    "model.depth=2", "model.num_heads=2", "method.mask_ratio=0.5",
+    "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
+    "method.proj_hidden_dim=64", "method.proj_dim=32", "method.strong_mask_ratio=0.75",
+]
+# What each method's MLflow run must record (besides method.name).
+METHOD_PARAMS = {
+    "micl": {"method.kappa": "0.015625"},
+    "mae": {"method.decoder_dim": "32", "method.norm_pix_loss": "True"},
+    "macrl": {"method.strong_mask_ratio": "0.75", "method.lambda_c": "1.0",
+              "method.proj_dim": "32"},
+    "mimco": {"method.patch_loss_weight": "1.0", "method.patch_negatives": "batch"},
+}
+
+
+def tiny_config(store: Path, *overrides: str):
+    return load_config(overrides=[
+        *TINY, "data.source=synthetic", "data.synthetic_size=96", "data.batch_size=16",
+        "data.map_batch_size=16", "data.knn_bank_size=64", "data.knn_query_size=32",
+        "data.data_cpus=0.5", "optim.epochs=2", "optim.warmup_epochs=0", "optim.blr=0.02",
+        "run.num_workers=1", "run.cpus_per_worker=1", "run.torch_threads=1",
+        f"run.storage_path={store / 'runs'}", f"run.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+        *overrides])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("objectives")
+
+
+@pytest.fixture(scope="module")
+def micl_run(ray_local, store):
+    """(config, result) of a MiCL run of the pipeline: the MimCo teacher, the evaluated run."""
+    cfg = tiny_config(store, "method.name=micl", "run.name=micl-teacher")
+    return cfg, run_pretraining(cfg)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_method_trains_through_the_pipeline(name, store, request):
+    if name == "micl":
+        cfg, result = request.getfixturevalue("micl_run")
+    else:
+        extra = []
+        if name == "mimco":  # "A MimCo run whose teacher is a MiCL run of the pipeline"
+            teacher = request.getfixturevalue("micl_run")[1]
+            extra = [f"method.teacher_run_id={teacher.mlflow_run_id}"]
+        cfg = tiny_config(store, f"method.name={name}", f"run.name={name}-run", *extra)
+        result = run_pretraining(cfg)
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == [1, 2]
+    assert all(math.isfinite(m.value) for m in losses)
+    assert losses[1].value < losses[0].value, [m.value for m in losses]
+    params = run.data.params
+    assert params["method.name"] == name
+    for key, value in METHOD_PARAMS[name].items():
+        assert params[key] == value, key
+    if name == "mimco":
+        assert params["method.teacher_run_id"] == cfg.method.teacher_run_id
+    # The exported encoder is the student's, loadable as a timm model; checkpoints hold no
+    # frozen teacher.
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "encoder")} == {
+        "encoder/encoder_timm.pth", "encoder/timm_model.json"}
+    state = torch.load(Path(result.checkpoint_path) / STATE_FILE, weights_only=False)
+    assert not any(k.startswith("teacher.") for k in state["model"])
+    loaded = load_encoder(run_id=result.mlflow_run_id, tracking_uri=result.tracking_uri)
+    assert loaded.model.embed_dim == 32 and loaded.epoch == 2
+
+
+@pytest.mark.e2e
+def test_evaluate_run_logs_knn_and_linear_to_the_run(micl_run):
+    cfg, result = micl_run
+    client = MlflowClient(result.tracking_uri)
+    trained_knn = sorted(client.get_metric_history(result.mlflow_run_id, "knn_top1"),
+                         key=lambda m: m.step)[-1]
+    ev = evaluate_run(run_id=result.mlflow_run_id, tracking_uri=result.tracking_uri,
+                      linear_epochs=10)
+    assert ev.run_id == result.mlflow_run_id and ev.step == cfg.optim.epochs
+    assert 0 <= ev.metrics["linear_top1"] <= 1
+    # Same sets and (exported) weights as the training loop's last kNN evaluation.
+    assert abs(ev.metrics["knn_top1"] - trained_knn.value) <= 1 / 24 + 1e-9
+    linear = client.get_metric_history(result.mlflow_run_id, "linear_top1")
+    assert [(m.step, m.value) for m in linear] == [(2, ev.metrics["linear_top1"])]
+    # The Ray Train checkpoint gives the same encoder; log=False logs nothing.
+    from_ckpt = evaluate_run(checkpoint=result.checkpoint_path, protocols=("knn",), log=False)
+    assert from_ckpt.run_id is None and set(from_ckpt.metrics) == {"knn_top1"}
+    assert abs(from_ckpt.metrics["knn_top1"] - ev.metrics["knn_top1"]) <= 1 / 24 + 1e-9
+
+
+@pytest.mark.e2e
+def test_evaluate_cli_linear_protocol(micl_run):
+    _, result = micl_run
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--run-id",
+         result.mlflow_run_id, "--protocol", "linear", "--tracking-uri", result.tracking_uri,
+         "--linear-epochs", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("linear_top1"))
+    printed = float(line.split()[1])
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id,
+                                                                    "linear_top1")
+    assert any(abs(m.value - printed) < 1e-4 and m.step == 2 for m in history)
+    assert "knn_top1" not in proc.stdout
+
+
+@pytest.mark.e2e
+def test_evaluate_cli_rejects_a_missing_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--run-id", "nope",
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "nope" in proc.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- MAE
+
+
+def test_patchify_layout():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    p = patchify(x, 4)  # [2, 4, 48]
+    assert p.shape == (2, 4, 48)
+    # Patch 1 = row 0, column 1; pixels as (row, column, channel).
+    torch.testing.assert_close(p[1, 1], x[1, :, 0:4, 4:8].permute(1, 2, 0).reshape(-1))
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_counts_only_masked_patches(norm_pix):
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 16, 16)
+    visible, masked = (torch.from_numpy(a) for a in
+                       sample_mae_mask(2, 16, 0.75, np.random.default_rng(0)))
+    pred = torch.randn(2, masked.shape[1], 48)
+    loss = reconstruction_loss(pred, images, masked, 4, norm_pix)
+
+    def repaint(idx: torch.Tensor) -> torch.Tensor:
+        """images with new random pixels in the patches idx [2, k]."""
+        out = images.clone()
+        for b in range(2):
+            for i in idx[b].tolist():
+                r, c = divmod(i, 4)
+                out[b, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = torch.randn(3, 4, 4)
+        return out
+
+    assert reconstruction_loss(pred, repaint(visible), masked, 4, norm_pix) == loss
+    assert reconstruction_loss(pred, repaint(masked[:, :1]), masked, 4, norm_pix) != loss
+    # MAE's objective predicts exactly the masked patches.
+    cfg = load_config(overrides=[*TINY, "method.name=mae", "method.mask_ratio=0.75"])
+    mae = build_objective(cfg)
+    assert mae.decoder(mae.encoder.forward_features(images, visible), visible, masked).shape \
+        == pred.shape
+
+
+# ----------------------------------------------------------------------------- MACRL
+
+
+def _raw_batch(n: int = 6, size: int = 20) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+            "label": np.arange(n) % 2, "sample_id": np.arange(n) + 100,
+            "path": np.full(n, "", dtype=object)}
+
+
+def test_macrl_stream_gives_two_differently_augmented_and_masked_views():
+    cfg = load_config(overrides=[*TINY, "method.name=macrl"])
+    out = _TrainMapper(cfg, 0)(_raw_batch())
+    assert out["image"].shape == out["image_strong"].shape == (6, 3, 16, 16)
+    assert out["image_strong"].dtype == np.uint8
+    for b in range(6):  # their own crop and colour: different pixels for every sample
+        assert not np.array_equal(out["image"][b], out["image_strong"][b])
+    # Weak branch: 50% masked (8 of 16 visible); strong branch: 75% masked (4 visible).
+    assert out["visible"].shape == out["masked"].shape == (6, 8)
+    assert out["strong_visible"].shape == (6, 4) and out["strong_masked"].shape == (6, 12)
+    for vis, hid in ((out["visible"], out["masked"]),
+                     (out["strong_visible"], out["strong_masked"])):
+        assert all(sorted(set(v) | set(h)) == list(range(16)) for v, h in zip(vis, hid,
+                                                                               strict=True))
+    again = _TrainMapper(cfg, 0)(_raw_batch())  # drawn from the per-sample generator
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+    # Methods with one view keep one image column.
+    micl = _TrainMapper(load_config(overrides=[*TINY]), 0)(_raw_batch())
+    assert not any(k.startswith("image_") for k in micl)
+
+
+def test_strong_augment_is_reproducible_and_keeps_size_and_mode():
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), np.uint8))
+    outs = [np.asarray(strong_augment(img, np.random.default_rng(s))) for s in (5, 5)]
+    assert outs[0].shape == (224, 224, 3) and np.array_equal(outs[0], outs[1])
+    changed = sum(not np.array_equal(np.asarray(strong_augment(img, np.random.default_rng(s))),
+                                     np.asarray(img)) for s in range(50))
+    assert changed >= 40  # unchanged with p = 0.2 (no jitter) * 0.8 (no gray) * 0.5 (no blur)
+    gray = strong_augment(img.convert("L"), np.random.default_rng(5))
+    assert gray.mode == "L" and gray.size == (224, 224)
+
+
+def test_macrl_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="method.strong_mask_ratio"):
+        load_config(overrides=[*TINY, "method.name=macrl", "method.strong_mask_ratio=0.25"])
+    with pytest.raises(ConfigError, match="method.decoder_dim"):
+        load_config(overrides=[*TINY, "method.name=macrl", "method.decoder_dim=30"])
+    with pytest.raises(ConfigError, match="method.lambda_r"):
+        load_config(overrides=[*TINY, "method.name=macrl", "method.lambda_r=-1"])
+
+
+# ----------------------------------------------------------------------------- MimCo
+
+
+def _teacher_checkpoint(tmp_path: Path) -> Path:
+    """A Ray Train checkpoint directory of a (tiny, untrained) MiCL run, as micl.train writes."""
+    cfg = load_config(overrides=[*TINY, "model.embed_dim=48", "model.num_heads=3"])
+    micl = build_objective(cfg)
+    opt = torch.optim.AdamW(micl.parameters())
+    save_state(tmp_path / STATE_FILE, micl, opt, 3, 30, cfg, {"mlflow_run_id": None})
+    return tmp_path
+
+
+def test_mimco_teacher_is_frozen_and_not_checkpointed(tmp_path):
+    ckpt = _teacher_checkpoint(tmp_path)
+    cfg = load_config(overrides=[*TINY, "method.name=mimco",
+                                 f"method.teacher_checkpoint={ckpt}"])
+    obj = build_objective(cfg)
+    assert obj.teacher.embed_dim == 48 and obj.encoder.embed_dim == 32  # sizes may differ
+    before = {k: v.clone() for k, v in obj.teacher.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(obj, 0.05), lr=1e-2)  # as the training loop builds it
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in obj.teacher.parameters())
+    obj.train()
+    assert not obj.teacher.training
+    rng = np.random.default_rng(0)
+    masks = {k: torch.from_numpy(v) for k, v in obj.draw_masks(cfg, 8, rng).items()}
+    batch = {"image": torch.randn(8, 3, 16, 16), **masks}
+    student_before = obj.encoder.patch_embed.proj.weight.clone()
+    for _ in range(3):
+        loss, parts = obj(batch)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in obj.teacher.parameters())
+        opt.step()
+    assert set(parts) == {"loss_patch", "loss_image"}
+    for k, v in obj.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(obj.encoder.patch_embed.proj.weight, student_before)
+    # The teacher is the checkpoint's encoder.
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(obj.teacher(x), load_encoder(checkpoint=ckpt).encoder(x))
+    # Checkpoints hold the student only, and load back strictly.
+    state = obj.state_dict()
+    assert state and not any(k.startswith("teacher.") for k in state)
+    fresh = build_objective(cfg)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.encoder.cls_token, obj.encoder.cls_token)
+
+
+def test_mimco_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="method.teacher_run_id"):
+        load_config(overrides=[*TINY, "method.name=mimco"])
+    with pytest.raises(ConfigError, match="method.teacher_checkpoint"):
+        load_config(overrides=[*TINY, "method.name=mimco",
+                               f"method.teacher_checkpoint={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="method.patch_negatives"):
+        load_config(overrides=[*TINY, "method.name=mimco", "method.patch_negatives=all",
+                               f"method.teacher_checkpoint={tmp_path}"])
+    m = ModelConfig(img_size=16, patch_size=2, in_chans=3, embed_dim=32, depth=1, num_heads=2)
+    export_encoder(MaskedViT.from_config(m), m, tmp_path / "grid8")  # 8x8 grid vs 4x4
+    cfg = load_config(overrides=[*TINY, "method.name=mimco",
+                                 f"method.teacher_checkpoint={tmp_path / 'grid8'}"])
+    with pytest.raises(ConfigError, match="method.teacher_checkpoint.*grid"):
+        build_objective(cfg)
+
+
+def test_patch_info_nce_negatives():
+    torch.manual_seed(0)
+    t = torch.randn(3, 5, 8)
+    perfect, noisy = patch_info_nce(10 * t, t, 0.1), patch_info_nce(torch.randn(3, 5, 8), t, 0.1)
+    assert perfect < 0.1 < noisy
+    # One image: "batch" and "image" negatives are the same set.
+    torch.testing.assert_close(patch_info_nce(t[:1] + 0.3, t[:1], 0.2, "batch"),
+                               patch_info_nce(t[:1] + 0.3, t[:1], 0.2, "image"))
+    # More negatives -> a harder task.
+    assert patch_info_nce(t + 0.5, t, 0.5, "batch") > patch_info_nce(t + 0.5, t, 0.5, "image")
