@@ -263,8 +263,8 @@ def test_local_storage_path_is_made_absolute(tmp_path, monkeypatch):
 
 
 def test_docs_show_the_tested_submit_command():
-    """README.md ("Run on a cluster") and the headers of cluster.yaml and the ImageNet config give the same
-    upload excludes as the job test below uses."""
+    """README.md ("Run on a cluster") and the headers of cluster.yaml and the ImageNet config
+    give the same upload excludes as the job test below uses."""
     excludes = json.dumps({"excludes": UPLOAD_EXCLUDES})
     for path in (ROOT / "README.md", CLUSTER_YAML, IMAGENET_CONFIG):
         text = path.read_text()

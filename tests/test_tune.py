@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_pipeline import tiny_config
 
 from micl.compare import compare
-from micl.config import load_config
 from micl.tune import run_search
 from micl.tune_space import parse_space
 
@@ -18,14 +18,9 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def base_config(tmp_path: Path, *overrides: str):
-    return load_config(overrides=[
-        "model.img_size=16", "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32",
-        "model.depth=2", "model.num_heads=2", "data.source=synthetic", "method.mask_ratio=0.5",
-        "data.synthetic_size=96", "data.batch_size=16", "data.map_batch_size=32",
-        "data.knn_bank_size=64", "data.knn_query_size=32", "optim.epochs=2",
-        "optim.warmup_epochs=1", "optim.blr=1e-3", "run.num_workers=1",
-        f"run.storage_path={tmp_path / 'runs'}", "run.experiment=micl-tune-test",
-        f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+    return tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=96",
+                       "data.batch_size=16", "data.map_batch_size=32", "run.num_workers=1",
+                       "run.cpus_per_worker=1", "run.experiment=micl-tune-test", *overrides)
 
 
 def test_grid_search_parent_children_and_compare(ray_local, tmp_path):
