@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from micl.models.pos_embed import sincos_2d
-from micl.models.vit import gather_tokens
+from micl.models.vit import gather_tokens, init_mae_weights
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -66,14 +66,7 @@ class MaskedDecoder(nn.Module):
         self.head = nn.Linear(dim, out_dim)
         # MAE: xavier Linears, zero biases, mask token ~ N(0, .02).
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_mae_weights(self)
 
     def forward(self, tokens: torch.Tensor, visible: torch.Tensor, query: torch.Tensor
                 ) -> torch.Tensor:

@@ -17,6 +17,18 @@ from micl.config import ModelConfig
 from micl.models.pos_embed import sincos_2d
 
 
+def init_mae_weights(root: nn.Module) -> None:
+    """MAE's initialisation of every Linear (xavier, zero bias) and LayerNorm (1, 0) in root."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x: [B, L, D], idx: [B, k] -> [B, k, D] (the tokens of the kept patches)."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -57,14 +69,7 @@ class MaskedViT(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_mae_weights(self)
 
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """images: [B, C, H, W] -> patch tokens with position: [B, L, D]."""
