@@ -17,7 +17,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from micl.config import Config, to_yaml
+from micl.config import Config, from_dict, to_yaml
 from micl.pretrain import build_trainer, connect_ray, storage_path
 from micl.tracking import ROLE_TAG, RunLogger, _client, start_or_resume_run, tracking_uri
 from micl.tune_space import SearchSpace, apply_trial_params
@@ -113,6 +113,10 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
 
     connect_ray()
     name = name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Resolve the defaults here: trials run in their own directories, where a relative
+    # ./mlflow.db or ./runs would point somewhere else.
+    base = from_dict(base.to_dict())
+    base.run.tracking_uri, base.run.storage_path = tracking_uri(base), storage_path(base)
     uri = tracking_uri(base)
     parent = _parent_run(base, name, space)
     root = storage_path(base)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics
     print("\n== micl pre-training finished ==")
     print(f"run name        {result.run_name}  (resume with --set run.name={result.run_name})")
-    print(f"MLflow run id   {result.mlflow_run_id}")
+    print(f"MLflow run id   {result.mlflow_run_id or '(not recorded: tracking unavailable)'}")
     if "knn_top1_init" in m:
         print(f"kNN top-1       random init {m['knn_top1_init']:.4f} -> trained "
               f"{m.get('knn_top1', float('nan')):.4f}")

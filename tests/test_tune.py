@@ -23,8 +23,11 @@ def base_config(tmp_path: Path, *overrides: str):
                        "run.cpus_per_worker=1", "run.experiment=micl-tune-test", *overrides)
 
 
-def test_grid_search_parent_children_and_compare(ray_local, tmp_path):
-    base = base_config(tmp_path)
+def test_grid_search_parent_children_and_compare(ray_local, tmp_path, monkeypatch):
+    # The default store and storage (./mlflow.db, ./runs) must reach the trials, which run in
+    # directories of their own.
+    monkeypatch.chdir(tmp_path)
+    base = base_config(tmp_path, "run.tracking_uri=", "run.storage_path=")
     space = parse_space({"params": {"method.mask_ratio": {"grid": [0.5, 0.75]},
                                     "method.temperature": {"grid": [0.05, 0.2]}},
                          "scheduler": "fifo"}, base=base)

@@ -135,7 +135,11 @@ def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str) -> ray.dat
     """
     _check_shape_config(cfg)
     mapper = _TrainMapper(cfg, epoch)
-    return ds.map_batches(mapper, batch_size=cfg.data.map_batch_size, batch_format="numpy",
+    # An ImageFolder's read blocks already hold map_batch_size files (sources._file_blocks):
+    # mapping whole blocks lets Ray fuse the file read into this task (a fixed batch_size
+    # would keep Read a separate operator, with its own tasks and an object-store hop).
+    batch_size = None if cfg.data.source == "imagefolder" else cfg.data.map_batch_size
+    return ds.map_batches(mapper, batch_size=batch_size, batch_format="numpy",
                           num_cpus=cfg.data.data_cpus)
 
 
