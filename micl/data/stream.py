@@ -38,7 +38,13 @@ from micl.config import Config
 from micl.data.augment import strong_augment
 from micl.data.masking import sample_rng
 from micl.data.sources import DataError
-from micl.data.transforms import center_box, mode_for, random_resized_crop_params, to_pil
+from micl.data.transforms import (
+    center_box,
+    crop_resize_fast,
+    mode_for,
+    random_resized_crop_params,
+    to_pil,
+)
 
 NAMESPACE = "micl"
 ALL_BAD_RAISE_ROWS = 16
@@ -135,10 +141,11 @@ def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str) -> ray.dat
     """
     _check_shape_config(cfg)
     mapper = _TrainMapper(cfg, epoch)
-    # An ImageFolder's read blocks already hold map_batch_size files (sources._file_blocks):
-    # mapping whole blocks lets Ray fuse the file read into this task (a fixed batch_size
-    # would keep Read a separate operator, with its own tasks and an object-store hop).
-    batch_size = None if cfg.data.source == "imagefolder" else cfg.data.map_batch_size
+    # An ImageFolder's read blocks hold map_batch_size files (sources._file_blocks), a Parquet
+    # read block one shard: mapping whole blocks lets Ray fuse the read into this task (a fixed
+    # batch_size keeps Read a separate operator, with its own tasks and an object-store hop).
+    whole_blocks = cfg.data.source in ("imagefolder", "parquet")
+    batch_size = None if whole_blocks else cfg.data.map_batch_size
     return ds.map_batches(mapper, batch_size=batch_size, batch_format="numpy",
                           num_cpus=cfg.data.data_cpus)
 
@@ -239,8 +246,7 @@ class _TrainMapper:
         grayscale and blur. Returns uint8 [C, H, W]."""
         w, h = img.size
         box = random_resized_crop_params(h, w, self.scale, _CROP_RATIO, rng)
-        view = img.resize((self.size, self.size), _BICUBIC, box=box)
-        a = np.asarray(view)  # [H, W(, C)]
+        a = crop_resize_fast(img, box, self.size)  # [H, W(, C)]
         if self.hflip and rng.random() < 0.5:
             a = a[:, ::-1]
         if augmentation == "strong":

