@@ -132,7 +132,7 @@ def _ray_config(spec: dict[str, Any]):
         "vit_large", IMG, 16, 3
     cfg.method.name, cfg.method.mask_ratio = "micl", spec.get("mask_ratio", 0.9)
     cfg.data.batch_size = spec["batch_size"]
-    cfg.data.map_batch_size = int(spec.get("map_batch_size", 128))
+    cfg.data.map_batch_size = int(spec.get("map_batch_size", 512))
     cfg.data.data_cpus = float(spec.get("data_cpus", 1.0))
     return cfg.validate()
 
@@ -259,7 +259,7 @@ def main() -> None:
                    help="a Ray configuration to measure (repeatable). Keys: code (a directory "
                    "holding another micl/ package), map_batch_size, data_cpus, preserve_order "
                    "(0/1), max_block_mb, consume (iter | split), mask_ratio. Default: one "
-                   "variant 'micl' with map_batch_size 128 (configs/imagenet_vitl16.yaml)")
+                   "variant 'micl' with map_batch_size 512 (configs/imagenet_vitl16.yaml)")
     p.add_argument("--no-reference", action="store_true", help="skip the DataLoader")
     p.add_argument("--data-root", type=Path, default=Path("/tmp/micl-bench"))
     p.add_argument("--title", default=None)
