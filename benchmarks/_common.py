@@ -1,8 +1,8 @@
 """Shared helpers of the benchmark scripts (not a benchmark itself).
 
 - `machine()`: nproc, CPU model, GPU (if any), load average, date: the header of every result;
-- `append_result()`: appends a table, with the exact command and the machine, to
-  BENCHMARKS_PERF.md at the repository root;
+- `append_result()`: appends a table, with the exact command and the machine, to the end of
+  BENCHMARKS.md at the repository root;
 - `make_jpeg_folder()`: a generated ImageNet-like JPEG ImageFolder under /tmp (sizes 400-500 px,
   smooth random content that JPEG compresses like photos, quality 90), cached between runs;
 - `make_parquet_shards()`: the same images as Parquet shards via `micl.data.prepare`.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "BENCHMARKS_PERF.md"
+RESULTS = ROOT / "BENCHMARKS.md"
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` without an installed package
     sys.path.append(str(ROOT))
 
@@ -81,7 +81,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 def append_result(title: str, table: str, notes: list[str] | None = None,
                   machine_line: str | None = None, path: Path = RESULTS) -> None:
-    """Print the table and append it, with command, machine and date, to BENCHMARKS_PERF.md."""
+    """Print the table and append it, with command, machine and date, to BENCHMARKS.md."""
     block = [f"### {title}", "", f"`{command_line()}`", "",
              f"Machine: {machine_line or machine()}", "", table, ""]
     for n in notes or []:
@@ -89,7 +89,7 @@ def append_result(title: str, table: str, notes: list[str] | None = None,
     text = "\n".join(block).rstrip() + "\n\n"
     print(text)
     if not path.exists():
-        path.write_text("# Performance benchmarks (fragment for BENCHMARKS.md)\n\n")
+        path.write_text("# Benchmarks\n\n## Script output (appended by benchmarks/*.py)\n\n")
     with path.open("a") as f:
         f.write(text)
 

@@ -9,14 +9,15 @@ one after the other, then a few seconds of evaluation each):
 What it does:
 - pre-trains MiCL, MAE, MACRL and MimCo (teacher = this MiCL run) with `pipelines/pretrain.py`
   in child processes, exactly as a user runs it: `configs/fashion_mnist_tiny.yaml` (the ViT is
-  the same for all: embed 128, depth 6, 4 heads, patch 4), the same epochs, batch and
-  optimiser; only the method's own fields differ (small decoders / projectors, see METHODS);
+  the same for all: embed 128, depth 6, 4 heads, patch 4), the same batch and optimiser, a
+  budget of <= 15 min each (EPOCHS) and kNN after every epoch; only the method's own fields
+  differ (small decoders / projectors, see METHODS);
 - evaluates each encoder on the full test split (10,000 images) against the full train split
   (60,000) as kNN bank / probe training set: weighted kNN (k=20, T=0.07, cosine, on the
   L2-normalised cls output) and MAE's linear probe (BatchNorm + Linear, 90 epochs, frozen cls
   features of the centred image, no augmentation), plus the two baselines: raw pixels (kNN on
   normalised pixels) and the randomly initialised encoder;
-- prints one table and appends it, with the command and machine, to BENCHMARKS_PERF.md; the
+- prints one table and appends it, with the command and machine, to BENCHMARKS.md; the
   kNN/probe numbers are also logged to each method's MLflow run as `test_knn_top1` and
   `test_linear_top1` (its per-epoch `knn_top1` used a subsampled bank).
 
@@ -47,8 +48,15 @@ METHODS: dict[str, list[str]] = {
               "method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4",
               "method.proj_hidden_dim=512", "method.proj_dim=128", "method.temperature=0.2"],
     "mimco": ["method.name=mimco", "method.mask_ratio=0.5", "method.decoder_dim=128",
-              "method.decoder_depth=2", "method.decoder_heads=4", "method.temperature=0.2"],
+              "method.decoder_depth=2", "method.decoder_heads=4", "method.temperature=0.2",
+              "method.patch_negatives=image"],
 }
+
+
+# The budget is time: <= 15 min per method on this 2-core machine (measured in the table).
+# MACRL (two branches, two decoder passes) and MimCo (a teacher forward on the whole image)
+# cost about twice MiCL's step, so they get fewer epochs within it. None: the config's.
+EPOCHS: dict[str, int | None] = {"micl": None, "mae": None, "macrl": 2, "mimco": 2}
 
 
 def pretrain(method: str, overrides: list[str], run_name: str, log_dir: Path
@@ -118,10 +126,14 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE", help="shared override for every method")
     p.add_argument("--teacher-run-id", help="MimCo's teacher (default: this run's MiCL)")
+    p.add_argument("--reuse", action="append", default=[], metavar="METHOD=RUN_ID",
+                   help="evaluate this earlier run of METHOD instead of training it again "
+                   "(its wall time: the MLflow run's start to end)")
     p.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="run-name suffix")
     args = p.parse_args()
 
     import torch
+    from mlflow.tracking import MlflowClient
 
     from micl.config import load_config
     from micl.evaluate import pixel_knn_top1
@@ -148,16 +160,25 @@ def main() -> None:
           flush=True)
 
     uri = tracking_uri(cfg)
+    reused = dict(r.split("=", 1) for r in args.reuse)
+    client = MlflowClient(uri)
     teacher = args.teacher_run_id
     order = sorted(args.methods, key=lambda m: m == "mimco")  # MimCo needs its teacher first
     for method in order:
-        extra = list(shared)
+        extra = ["run.eval_every=1", *shared]  # per-epoch kNN for the curves
+        if EPOCHS[method] and not args.epochs:
+            extra.append(f"optim.epochs={EPOCHS[method]}")
         if method == "mimco":
             if teacher is None:
                 raise SystemExit("[quality] mimco needs a teacher: include micl in --methods or "
                                  "give --teacher-run-id")
             extra.append(f"method.teacher_run_id={teacher}")
-        run_id, wall = pretrain(method, extra, f"quality-{method}-{args.tag}", log_dir)
+        if method in reused:
+            run_id = reused[method]
+            info = client.get_run(run_id).info
+            wall = (info.end_time - info.start_time) / 1000
+        else:
+            run_id, wall = pretrain(method, extra, f"quality-{method}-{args.tag}", log_dir)
         if method == "micl" and teacher is None:
             teacher = run_id
         loaded = load_encoder(run_id=run_id, tracking_uri=uri)
@@ -165,8 +186,9 @@ def main() -> None:
         logger = RunLogger(uri, run_id)
         logger.metrics({"test_knn_top1": knn, "test_linear_top1": linear},
                        step=int(loaded.epoch or 0))
-        ips = logger.client.get_run(run_id).data.metrics.get("images_per_s", float("nan"))
-        rows.append([method, cfg.optim.epochs, round(wall / 60, 1), ips, knn, linear, run_id])
+        ips = client.get_run(run_id).data.metrics.get("images_per_s", float("nan"))
+        epochs = loaded.epoch or args.epochs or EPOCHS[method] or cfg.optim.epochs
+        rows.append([method, epochs, round(wall / 60, 1), ips, knn, linear, run_id])
         print(f"[quality] {method}: kNN {knn:.4f} linear {linear:.4f} in {wall / 60:.1f} min "
               f"(run {run_id})", flush=True)
 
@@ -178,8 +200,8 @@ def main() -> None:
         "90 epochs, frozen cls features.",
         f"Same ViT for every method ({cfg.model.embed_dim}-d, depth {cfg.model.depth}, "
         f"{cfg.model.num_heads} heads, patch {cfg.model.patch_size}), same optimiser (blr "
-        f"{cfg.optim.blr}, batch {cfg.data.batch_size}, {cfg.optim.epochs} epochs, warmup "
-        f"{cfg.optim.warmup_epochs}); method fields: "
+        f"{cfg.optim.blr}, batch {cfg.data.batch_size}, warmup {cfg.optim.warmup_epochs} "
+        "epoch) and a <= 15 min budget (epochs column); method fields: "
         + "; ".join(f"{m}: {' '.join(METHODS[m]) or 'the config'}" for m in order) + ".",
         "wall min: the whole `pipelines/pretrain.py` process (Ray start-up, per-epoch kNN, "
         "checkpoints included), one method at a time on this machine.",

@@ -1,12 +1,15 @@
 """Training-loop overhead: Ray Train's TorchTrainer vs the same loop in a plain process.
 
-Run (from the repository root; ~3-5 min on 2 cores):
+Run (from the repository root; ~3 min per repeat on 2 cores):
 
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/trainer.py
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/trainer.py --repeats 2 --threads 2
+    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/trainer.py --steps-per-epoch 20  # 3 s epochs
 
 What it measures: optimizer steps per second of MiCL on CPU (a small ViT so that a step is
-~0.1 s and per-step overheads show), two ways, on the same synthetic batches:
+~0.15 s and per-step overheads show; 100 steps per epoch, ~14 s, so that the once-per-epoch
+cost of opening a streaming iterator (~0.3 s) does not dominate), two ways, on the same
+synthetic batches:
 
 - TorchTrainer: `micl.pretrain.build_trainer` -> `trainer.fit()` with 1 worker, i.e. the real
   `micl.train.train_loop_per_worker` reading its shard through Ray Data's streaming split. The
@@ -170,7 +173,7 @@ def main() -> None:
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps-per-epoch", type=int, default=20)
+    p.add_argument("--steps-per-epoch", type=int, default=100)
     p.add_argument("--epochs", type=int, default=4, help="epochs 2..k are the steady state")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides")
     p.add_argument("--repeats", type=int, default=1)
