@@ -83,13 +83,12 @@ def load_split(path: str | None, split: str):
     """uint8 images [N, 1, 28, 28] and labels [N] of a Fashion-MNIST split, from the IDX files."""
     import torch
 
-    from micl.data.sources import _FMNIST_FILES, FASHION_MNIST_DIR, _find_idx, read_idx
+    from micl.data.sources import DataError, read_fashion_mnist
 
-    found = [_find_idx(path or FASHION_MNIST_DIR, n) for n in _FMNIST_FILES[split]]
-    if None in found:
-        raise SystemExit(f"[quality] no Fashion-MNIST {split} files under "
-                         f"{path or FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
-    images, labels = (read_idx(f) for f in found)
+    try:
+        images, labels = read_fashion_mnist(path, split)
+    except DataError as e:
+        raise SystemExit(f"[quality] {e}") from None
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype("int64"))
 
 

@@ -172,19 +172,14 @@ def read_test_images(cfg: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first n Fashion-MNIST test images as the model sees them, uint8 [n, S, S, C]
     (S = model.img_size, centre-resized as the eval stream does), and their labels [n].
     Read from the IDX files directly: no Ray for a few thousand 28x28 images."""
-    from micl.data.sources import FASHION_MNIST_DIR, _find_idx, read_idx
+    from micl.data.sources import read_fashion_mnist
     from micl.data.transforms import center_resize
 
     if cfg.data.source != "fashion_mnist":
         raise ConfigError(f"config error: data.source = {cfg.data.source!r}: figures support "
                           "only Fashion-MNIST (IDX) sources for now")
-    directory = cfg.data.path or FASHION_MNIST_DIR
-    names = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    found = [_find_idx(directory, name) for name in names]
-    if None in found:
-        raise ConfigError(f"data error: {directory}: no Fashion-MNIST file "
-                          f"{names[found.index(None)]}[.gz] (set data.path)")
-    images, labels = read_idx(found[0])[:n], read_idx(found[1])[:n]  # [n, 28, 28], [n]
+    images, labels = read_fashion_mnist(cfg.data.path, "test")
+    images, labels = images[:n], labels[:n]  # [n, 28, 28], [n]
     size, chans = cfg.model.img_size, cfg.model.in_chans
     if images.shape[1:3] != (size, size):
         images = np.stack([center_resize(img, size) for img in images])

@@ -206,20 +206,27 @@ def _find_idx(directory: str, name: str) -> str | None:
     return None
 
 
+def read_fashion_mnist(directory: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's "train" or "test" (t10k) split from its IDX files (.gz or not) under
+    directory (None: Debian's dataset-fashion-mnist): uint8 images [N, 28, 28], labels [N]."""
+    directory = directory or FASHION_MNIST_DIR
+    found = [_find_idx(directory, n) for n in _FMNIST_FILES[split]]
+    if None in found:
+        missing = _FMNIST_FILES[split][found.index(None)]
+        raise DataError(f"data error: {directory}: no Fashion-MNIST file {missing}[.gz] "
+                        "(apt-get install dataset-fashion-mnist, or set data.path)")
+    images, labels = read_idx(found[0]), read_idx(found[1])
+    if len(images) != len(labels):
+        raise DataError(f"data error: {directory}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
 def _load_fashion_mnist(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
-    directory = cfg.data.path or FASHION_MNIST_DIR
     key = "train" if _is_train(cfg, split) else "test" if _is_eval(cfg, split) else None
     if key is None:
         raise DataError(f"data error: Fashion-MNIST has no split {split!r} "
                         "(use train, or val/test for the t10k files)")
-    found = [_find_idx(directory, n) for n in _FMNIST_FILES[key]]
-    if None in found:
-        missing = _FMNIST_FILES[key][found.index(None)]
-        raise DataError(f"data error: {directory}: no Fashion-MNIST file {missing}[.gz] "
-                        "(apt-get install dataset-fashion-mnist, or set data.path)")
-    images, labels = read_idx(found[0]), read_idx(found[1])  # [N, 28, 28] uint8, [N]
-    if len(images) != len(labels):
-        raise DataError(f"data error: {directory}: {len(images)} images but {len(labels)} labels")
+    images, labels = read_fashion_mnist(cfg.data.path, key)
     if cap:  # the files are already in random order
         images, labels = images[:cap], labels[:cap]
     return from_arrays(images, labels, cfg.data.map_batch_size)
