@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from micl.tracking import use_tracking_uri
 
 DEFAULT_EXPERIMENT = "micl-pretrain"
 # Metrics shown when present, in this order (the ranking metric always comes first).
@@ -71,17 +72,10 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return tracking_uri or mlflow.get_tracking_uri()
 
 
-@contextlib.contextmanager
-def _tracking(tracking_uri: str | None) -> Iterator[str]:
+def _tracking(tracking_uri: str | None) -> contextlib.AbstractContextManager[str]:
     """Point the fluent MLflow API at `tracking_uri` for a moment (search_runs has no argument
     for it), then put back what the caller had."""
-    previous = mlflow.get_tracking_uri()
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield uri
-    finally:
-        mlflow.set_tracking_uri(previous)
+    return use_tracking_uri(resolve_tracking_uri(tracking_uri))
 
 
 def find_runs(experiment: str | None = None, parent_run_id: str | None = None,

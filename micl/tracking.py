@@ -3,9 +3,11 @@ never takes the training down with it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,30 @@ def tracking_uri(cfg: Config | None = None) -> str:
             uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
         return uri
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[str]:
+    """Point MLflow's fluent API at `uri` for the block, then restore exactly the state before.
+
+    `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI (for subprocesses), so the usual
+    `previous = mlflow.get_tracking_uri(); ...; mlflow.set_tracking_uri(previous)` pins the
+    default store of the current directory as an absolute path for the rest of the process: a
+    later run or search from another directory (a test's tmp dir, a Tune trial) writes there.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils  # the explicitly set URI, None if unset
+
+    explicit, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(explicit)  # None: unset again (drops the variable too)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def reachable(uri: str, timeout: float = 3.0) -> bool:
@@ -78,13 +104,15 @@ def get_or_create_experiment(uri: str, name: str) -> str:
 
 
 def start_or_resume_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None,
-                        parent_run_id: str | None = None) -> str:
+                        parent_run_id: str | None = None, resume: bool = True) -> str:
     """The MLflow run of this Ray Train run: reused when a run with the same name exists (a
-    resumed run keeps one MLflow history), else created with the flattened config as params."""
+    resumed run keeps one MLflow history) and `resume`, else created with the flattened config
+    as params."""
     uri = tracking_uri(cfg)
     client = _client(uri)
     exp_id = get_or_create_experiment(uri, cfg.run.experiment)
-    found = client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    found = resume and client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                          max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")

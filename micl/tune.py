@@ -81,8 +81,11 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str):
     return train_trial
 
 
-def _parent_run(base: Config, name: str, space: SearchSpace) -> str:
-    parent = start_or_resume_run(base, name, tags={ROLE_TAG: "search", SEARCH_TAG: name})
+def _parent_run(base: Config, name: str, space: SearchSpace, resume: bool) -> str:
+    # A new search gets a new parent even when an older search had this name, so that its
+    # children (found by parent id) are this search's trials only.
+    parent = start_or_resume_run(base, name, tags={ROLE_TAG: "search", SEARCH_TAG: name},
+                                 resume=resume)
     logger = RunLogger(tracking_uri(base), parent)
     logger.text(to_yaml(base), "base_config.yaml")
     import yaml
@@ -118,13 +121,14 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     base = from_dict(base.to_dict())
     base.run.tracking_uri, base.run.storage_path = tracking_uri(base), storage_path(base)
     uri = tracking_uri(base)
-    parent = _parent_run(base, name, space)
     root = storage_path(base)
+    path = f"{root.rstrip('/')}/{name}"
+    restoring = tune.Tuner.can_restore(path)
+    parent = _parent_run(base, name, space, resume=restoring)
     trainable = tune.with_resources(make_trainable(base, name, parent),
                                     {"cpu": 0, "memory": 64 * 2**20})
     concurrency = concurrent_trials(base, space)
-    path = f"{root.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path):
+    if restoring:
         print(f"[micl] resuming search {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:

@@ -3,6 +3,7 @@
 run, written with the MLflow API the way the pipelines write them."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import mlflow
@@ -23,6 +24,7 @@ from micl.compare import (
     write_outputs,
 )
 from micl.config import Config
+from micl.tracking import start_or_resume_run, use_tracking_uri
 from micl.tune_space import apply_trial_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +53,8 @@ def store(tmp_path_factory):
     """A store holding one search (parent + 4 trials) and one stand-alone run."""
     tmp = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    pointed = use_tracking_uri(uri)
+    pointed.__enter__()
     exp = mlflow.create_experiment(EXPERIMENT, artifact_location=str(tmp / "artifacts"))
     trials = {}
     with mlflow.start_run(experiment_id=exp, run_name="search",
@@ -82,7 +84,7 @@ def store(tmp_path_factory):
         _log_run(Config().flat(), None)  # a run whose kNN never ran: ranked last
     yield {"uri": uri, "tmp": tmp, "parent": parent.info.run_id, "trials": trials,
            "random_parent": random_parent.info.run_id, "solo": solo.info.run_id}
-    mlflow.set_tracking_uri(previous)
+    pointed.__exit__(None, None, None)
 
 
 def test_table_ranks_trials_and_shows_only_differing_params(store):
@@ -239,6 +241,29 @@ def test_tracking_uri_argument_does_not_leak(store, tmp_path):
     with pytest.raises(CompareError, match=f"'{EXPERIMENT}' does not exist.*elsewhere"):
         find_runs(experiment=EXPERIMENT, tracking_uri=other)
     assert mlflow.get_tracking_uri() == store["uri"]
+
+
+def test_compare_leaves_the_default_store_alone(store, tmp_path, monkeypatch):
+    # Restoring "the previous URI" naively exports $MLFLOW_TRACKING_URI = <this cwd>/mlflow.db,
+    # and every later run or search in the process, from any directory, writes there.
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # MLflow's state when nothing was set
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    compare(parent_run_id=store["parent"], out_dir=tmp_path / "cmp", tracking_uri=store["uri"])
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.chdir(tmp_path)
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_a_new_search_with_an_old_name_gets_a_new_parent(tmp_path):
+    cfg = Config()
+    cfg.run.tracking_uri, cfg.run.experiment = f"sqlite:///{tmp_path}/mlflow.db", "searches"
+    first = start_or_resume_run(cfg, "grid", tags={"micl.role": "search"})
+    assert start_or_resume_run(cfg, "grid") == first  # resuming that search
+    second = start_or_resume_run(cfg, "grid", resume=False)  # a fresh search, same name
+    assert second != first
+    assert start_or_resume_run(cfg, "grid") == second  # the newest is the one resumed
 
 
 def test_missing_sqlite_store_is_not_created(tmp_path):

@@ -22,11 +22,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: prepare_data and decodi
 # Image.resize(box=...) wants (left, upper, right, lower) in source pixels; floats are allowed.
 Box = tuple[float, float, float, float]
 
-# torch.from_numpy warns once per process about the read-only arrays that PIL hands out; the
-# crop kernel only reads them, so the warning is noise. Scoped to this module's calls.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
-                        category=UserWarning, module=__name__)
-
 _HIGH_BIT_MODES = ("I", "F")  # 32-bit int / float; I;16* variants are handled by prefix
 
 
@@ -182,7 +177,9 @@ def crop_resize_fast(img: Image.Image | np.ndarray, box: tuple[int, int, int, in
     import torch.nn.functional as F
 
     a = np.asarray(img)[top:bottom, left:right]  # [h, w(, C)], read-only: torch only reads it
-    t = torch.from_numpy(a if a.ndim == 3 else a[:, :, None])
+    with warnings.catch_warnings():  # a filter set at import would not survive pytest's resets
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        t = torch.from_numpy(a if a.ndim == 3 else a[:, :, None])  # read-only: torch only reads
     out = F.interpolate(t.permute(2, 0, 1).unsqueeze(0), size=(size, size), mode="bicubic",
                         antialias=True)[0].permute(1, 2, 0).numpy()  # [size, size, C]
     return out if a.ndim == 3 else out[:, :, 0]
