@@ -53,38 +53,36 @@ def store(tmp_path_factory):
     """A store holding one search (parent + 4 trials) and one stand-alone run."""
     tmp = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    pointed = use_tracking_uri(uri)
-    pointed.__enter__()
-    exp = mlflow.create_experiment(EXPERIMENT, artifact_location=str(tmp / "artifacts"))
-    trials = {}
-    with mlflow.start_run(experiment_id=exp, run_name="search",
-                          tags={"micl.role": "search"}) as parent:
-        mlflow.log_param("space", "mask_ratio_temperature")
-    for i, ((ratio, temp), knn) in enumerate(FINAL_KNN.items()):
-        cfg = apply_trial_params(Config(), {"method.mask_ratio": ratio,
-                                            "method.temperature": temp,
-                                            "run.name": f"trial-{i}"})
-        with mlflow.start_run(experiment_id=exp, run_name=f"trial-{i}",
-                              parent_run_id=parent.info.run_id,
-                              tags={"micl.role": "trial"}) as run:
-            _log_run(cfg.flat(), knn)
-        trials[run.info.run_id] = (ratio, temp)
-    # A random search: every trial draws its own mask ratio, learning rate and kappa.
-    with mlflow.start_run(experiment_id=exp, run_name="random-search",
-                          tags={"micl.role": "search"}) as random_parent:
-        pass
-    for i, (ratio, blr, kappa, knn) in enumerate(RANDOM_TRIALS):
-        cfg = apply_trial_params(Config(), {"method.mask_ratio": ratio, "optim.blr": blr,
-                                            "method.kappa": kappa})
-        with mlflow.start_run(experiment_id=exp, run_name=f"random-{i}",
-                              parent_run_id=random_parent.info.run_id,
-                              tags={"micl.role": "trial"}):
-            _log_run(cfg.flat(), knn)
-    with mlflow.start_run(experiment_id=exp, run_name="pretrain") as solo:
-        _log_run(Config().flat(), None)  # a run whose kNN never ran: ranked last
-    yield {"uri": uri, "tmp": tmp, "parent": parent.info.run_id, "trials": trials,
-           "random_parent": random_parent.info.run_id, "solo": solo.info.run_id}
-    pointed.__exit__(None, None, None)
+    with use_tracking_uri(uri):  # the fluent API writes the store; put back what was before
+        exp = mlflow.create_experiment(EXPERIMENT, artifact_location=str(tmp / "artifacts"))
+        trials = {}
+        with mlflow.start_run(experiment_id=exp, run_name="search",
+                              tags={"micl.role": "search"}) as parent:
+            mlflow.log_param("space", "mask_ratio_temperature")
+        for i, ((ratio, temp), knn) in enumerate(FINAL_KNN.items()):
+            cfg = apply_trial_params(Config(), {"method.mask_ratio": ratio,
+                                                "method.temperature": temp,
+                                                "run.name": f"trial-{i}"})
+            with mlflow.start_run(experiment_id=exp, run_name=f"trial-{i}",
+                                  parent_run_id=parent.info.run_id,
+                                  tags={"micl.role": "trial"}) as run:
+                _log_run(cfg.flat(), knn)
+            trials[run.info.run_id] = (ratio, temp)
+        # A random search: every trial draws its own mask ratio, learning rate and kappa.
+        with mlflow.start_run(experiment_id=exp, run_name="random-search",
+                              tags={"micl.role": "search"}) as random_parent:
+            pass
+        for i, (ratio, blr, kappa, knn) in enumerate(RANDOM_TRIALS):
+            cfg = apply_trial_params(Config(), {"method.mask_ratio": ratio, "optim.blr": blr,
+                                                "method.kappa": kappa})
+            with mlflow.start_run(experiment_id=exp, run_name=f"random-{i}",
+                                  parent_run_id=random_parent.info.run_id,
+                                  tags={"micl.role": "trial"}):
+                _log_run(cfg.flat(), knn)
+        with mlflow.start_run(experiment_id=exp, run_name="pretrain") as solo:
+            _log_run(Config().flat(), None)  # a run whose kNN never ran: ranked last
+        yield {"uri": uri, "tmp": tmp, "parent": parent.info.run_id, "trials": trials,
+               "random_parent": random_parent.info.run_id, "solo": solo.info.run_id}
 
 
 def test_table_ranks_trials_and_shows_only_differing_params(store):
