@@ -8,10 +8,12 @@ one after the other, then a few seconds of evaluation each):
 
 What it does:
 - pre-trains MiCL, MAE, MACRL and MimCo (teacher = this MiCL run) with `pipelines/pretrain.py`
-  in child processes, exactly as a user runs it: `configs/fashion_mnist_tiny.yaml` (the ViT is
-  the same for all: embed 128, depth 6, 4 heads, patch 4), the same batch and optimiser, a
-  budget of <= 15 min each (EPOCHS) and kNN after every epoch; only the method's own fields
-  differ (small decoders / projectors, see METHODS);
+  in child processes, exactly as a user runs them: each from its own config file (CONFIGS:
+  `configs/fashion_mnist_tiny.yaml` for MiCL, `configs/fashion_mnist_<method>.yaml` for the
+  others), with kNN after every epoch. The files share the ViT (embed 128, depth 6, 4 heads,
+  patch 7), the data, the batch and the optimiser (checked before anything runs); they differ
+  in the method's own fields (small decoders / projectors) and in the epochs that fit a budget
+  of <= 15 min each;
 - evaluates each encoder on the full test split (10,000 images) against the full train split
   (60,000) as kNN bank / probe training set: weighted kNN (k=20, T=0.07, cosine, on the
   L2-normalised cls output) and MAE's linear probe (BatchNorm + Linear, 90 epochs, frozen cls
@@ -37,34 +39,55 @@ from pathlib import Path
 import _common
 
 ROOT = _common.ROOT
-CONFIG = "configs/fashion_mnist_tiny.yaml"
-
-# Method-specific fields only; everything else (encoder, optimiser, epochs, data) is shared.
-METHODS: dict[str, list[str]] = {
-    "micl": [],
-    "mae": ["method.name=mae", "method.mask_ratio=0.75", "method.decoder_dim=128",
-            "method.decoder_depth=2", "method.decoder_heads=4"],
-    "macrl": ["method.name=macrl", "method.mask_ratio=0.75", "method.strong_mask_ratio=0.9",
-              "method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4",
-              "method.proj_hidden_dim=512", "method.proj_dim=128", "method.temperature=0.2"],
-    "mimco": ["method.name=mimco", "method.mask_ratio=0.5", "method.decoder_dim=128",
-              "method.decoder_depth=2", "method.decoder_heads=4", "method.temperature=0.2",
-              "method.patch_negatives=image"],
+# One config file per method. Each holds the method's own fields and its epochs: the budget is
+# time, <= 15 min per method on this 2-core machine, so MACRL (two branches, two decoder
+# passes) and MimCo (a teacher forward on the whole image), about twice MiCL's step, get fewer
+# epochs. MimCo's teacher is not in its file: it is this invocation's MiCL run.
+CONFIGS: dict[str, str] = {
+    "micl": "configs/fashion_mnist_tiny.yaml",
+    "mae": "configs/fashion_mnist_mae.yaml",
+    "macrl": "configs/fashion_mnist_macrl.yaml",
+    "mimco": "configs/fashion_mnist_mimco.yaml",
 }
 
 
-# The budget is time: <= 15 min per method on this 2-core machine (measured in the table).
-# MACRL (two branches, two decoder passes) and MimCo (a teacher forward on the whole image)
-# cost about twice MiCL's step, so they get fewer epochs within it. None: the config's.
-EPOCHS: dict[str, int | None] = {"micl": None, "mae": None, "macrl": 2, "mimco": 2}
+def read_yaml(method: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / CONFIGS[method]).read_text()) or {}
+
+
+def method_fields(method: str, with_epochs: bool = True) -> str:
+    """`method.<field>=<value> ...` of a method's config file (for the notes under the table)."""
+    values = read_yaml(method)
+    fields = [f"method.{k}={v}" for k, v in (values.get("method") or {}).items()]
+    epochs = (values.get("optim") or {}).get("epochs") if with_epochs else None
+    return " ".join(fields + ([f"optim.epochs={epochs}"] if epochs else []))
+
+
+def shared_part(values: dict) -> dict:
+    """What every method's file must have in common: encoder, data, optimiser but its epochs."""
+    optim = {k: v for k, v in (values.get("optim") or {}).items() if k != "epochs"}
+    return {"model": values.get("model"), "data": values.get("data"), "optim": optim}
+
+
+def check_shared(methods: list[str]) -> None:
+    """The comparison only means something with the same encoder, data and optimiser."""
+    base = shared_part(read_yaml("micl"))
+    for m in methods:
+        ours = shared_part(read_yaml(m))
+        for section, value in ours.items():
+            if value != base[section]:
+                raise SystemExit(f"[quality] {CONFIGS[m]}: its `{section}` section differs from "
+                                 f"{CONFIGS['micl']}'s (epochs aside, every method trains the "
+                                 "same encoder on the same data with the same optimiser)")
 
 
 def pretrain(method: str, overrides: list[str], run_name: str, log_dir: Path
              ) -> tuple[str, float]:
     """Runs pipelines/pretrain.py in a child process; returns (MLflow run id, wall seconds)."""
-    cmd = [sys.executable, "pipelines/pretrain.py", "--config", CONFIG,
-           *[a for o in [*METHODS[method], *overrides, f"run.name={run_name}"]
-             for a in ("--set", o)]]
+    cmd = [sys.executable, "pipelines/pretrain.py", "--config", CONFIGS[method],
+           *[a for o in [*overrides, f"run.name={run_name}"] for a in ("--set", o)]]
     log = log_dir / f"{run_name}.log"
     print(f"[quality] {method}: {' '.join(cmd[1:])}  (log: {log})", flush=True)
     start = time.perf_counter()
@@ -119,9 +142,9 @@ def evaluate(encoder, cfg, data) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--epochs", type=int, help="pre-training epochs for every method "
-                   "(default: the config's)")
+                   "(default: each method's config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE", help="shared override for every method")
     p.add_argument("--teacher-run-id", help="MimCo's teacher (default: this run's MiCL)")
@@ -130,6 +153,7 @@ def main() -> None:
                    "(its wall time: the MLflow run's start to end)")
     p.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="run-name suffix")
     args = p.parse_args()
+    check_shared(args.methods)
 
     import torch
     from mlflow.tracking import MlflowClient
@@ -137,13 +161,16 @@ def main() -> None:
     from micl.config import load_config
     from micl.evaluate import pixel_knn_top1
     from micl.models import MaskedViT
-    from micl.models.pretrained import load_encoder
+    try:
+        from micl.artifacts import load_encoder
+    except ImportError:  # before micl/models/pretrained.py moved to micl/artifacts.py
+        from micl.models.pretrained import load_encoder
     from micl.tracking import RunLogger, tracking_uri
 
     torch.set_num_threads(2)
     machine = _common.machine()
     shared = [*args.overrides] + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
-    cfg = load_config(ROOT / CONFIG, overrides=shared)
+    cfg = load_config(ROOT / CONFIGS["micl"], overrides=shared)  # the shared encoder and data
     data = (load_split(cfg.data.path, "train"), load_split(cfg.data.path, "test"))
     log_dir = ROOT / "runs" / "quality-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -165,8 +192,6 @@ def main() -> None:
     order = sorted(args.methods, key=lambda m: m == "mimco")  # MimCo needs its teacher first
     for method in order:
         extra = ["run.eval_every=1", *shared]  # per-epoch kNN for the curves
-        if EPOCHS[method] and not args.epochs:
-            extra.append(f"optim.epochs={EPOCHS[method]}")
         if method == "mimco":
             if teacher is None:
                 raise SystemExit("[quality] mimco needs a teacher: include micl in --methods or "
@@ -186,7 +211,8 @@ def main() -> None:
         logger.metrics({"test_knn_top1": knn, "test_linear_top1": linear},
                        step=int(loaded.epoch or 0))
         ips = client.get_run(run_id).data.metrics.get("images_per_s", float("nan"))
-        epochs = loaded.epoch or args.epochs or EPOCHS[method] or cfg.optim.epochs
+        epochs = (loaded.epoch or args.epochs
+                  or (read_yaml(method).get("optim") or {}).get("epochs") or cfg.optim.epochs)
         rows.append([method, epochs, round(wall / 60, 1), ips, knn, linear, run_id])
         print(f"[quality] {method}: kNN {knn:.4f} linear {linear:.4f} in {wall / 60:.1f} min "
               f"(run {run_id})", flush=True)
@@ -201,7 +227,8 @@ def main() -> None:
         f"{cfg.model.num_heads} heads, patch {cfg.model.patch_size}), same optimiser (blr "
         f"{cfg.optim.blr}, batch {cfg.data.batch_size}, warmup {cfg.optim.warmup_epochs} "
         "epoch) and a <= 15 min budget (epochs column); method fields: "
-        + "; ".join(f"{m}: {' '.join(METHODS[m]) or 'the config'}" for m in order) + ".",
+        + "; ".join(f"{m}: {CONFIGS[m]} ({method_fields(m, not args.epochs)})"
+                    for m in order) + ".",
         "wall min: the whole `pipelines/pretrain.py` process (Ray start-up, per-epoch kNN, "
         "checkpoints included), one method at a time on this machine.",
     ]

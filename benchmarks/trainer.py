@@ -11,7 +11,7 @@ What it measures: optimizer steps per second of MiCL on CPU (a small ViT so that
 cost of opening a streaming iterator (~0.3 s) does not dominate), two ways, on the same
 synthetic batches:
 
-- TorchTrainer: `micl.pretrain.build_trainer` -> `trainer.fit()` with 1 worker, i.e. the real
+- TorchTrainer: `micl.driver.build_trainer` -> `trainer.fit()` with 1 worker, i.e. the real
   `micl.train.train_loop_per_worker` reading its shard through Ray Data's streaming split. The
   train stream is materialised before `fit()` (the same blocks every epoch), so the number is
   the loop's overhead and not the CPU cost of decoding, which `benchmarks/ingest.py` measures.
@@ -149,7 +149,7 @@ def run_trainer(args: dict[str, Any]) -> dict[str, Any]:
                                object_store_memory=2 * 2**30,
                                runtime_env={"env_vars": {"PYTHONPATH": str(_common.ROOT)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    from micl.pretrain import build_trainer
+    from micl.driver import build_trainer
 
     cfg = make_config(args, storage)
     t = time.perf_counter()

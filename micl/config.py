@@ -3,16 +3,16 @@ the file.
 
     cfg = load_config("configs/fashion_mnist_tiny.yaml", ["method.mask_ratio=0.75"])
 
-Every field is validated before Ray starts; a bad value raises `ConfigError` whose message
-names the field (`method.mask_ratio = 1.5: must be in (0, 1)`).
+The generic fields are validated here; `data.source` and the `method.*` fields belong to the
+data-source and method registries, which check them in the driver (`micl.driver.check`) before
+Ray starts. Either way a bad value raises `ConfigError` naming the field
+(`method.mask_ratio = 1.5: must be in (0, 1)`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,6 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
 }
-DATA_SOURCES = ("fashion_mnist", "imagefolder", "parquet", "synthetic")
-NEGATIVES = ("local", "global")
 
 
 class ConfigError(ValueError):
@@ -54,8 +52,13 @@ class ModelConfig:
         return (self.embed_dim or d, self.depth or n, self.num_heads or h)
 
     @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.img_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        return self.grid**2
 
 
 @dataclass
@@ -84,27 +87,13 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
+    """`method.name` picks the method. Every other `method.<field>` belongs to that method's own
+    `Args` dataclass in `micl/objectives/<name>.py`, with that paper's defaults: it is kept here
+    as given (`args`) and typed and checked by the method (`micl.objectives.check`), which also
+    fills in the method's defaults so that a run records every setting it trained with."""
+
     name: str = "micl"
-    mask_ratio: float = 0.9
-    temperature: float = 0.07
-    kappa: float = 1 / 64
-    negatives: str = "local"
-    # MAE / MACRL / MimCo (checked by each method's validate; defaults: MAE and MoCo v3).
-    decoder_dim: int = 512  # MAE decoder (MimCo: predictor) width, depth and heads
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels (MAE, MACRL)
-    strong_mask_ratio: float = 0.9  # MACRL: the strongly augmented branch's mask ratio
-    lambda_c: float = 1.0  # MACRL: contrastive loss weight
-    lambda_r: float = 1.0  # MACRL: reconstruction loss weight
-    proj_dim: int = 256  # MACRL: projector output (MoCo v3: 3-layer MLP, 4096 hidden)
-    proj_hidden_dim: int = 4096
-    share_decoder: bool = True  # MACRL: one decoder for both branches (False: one each)
-    teacher_run_id: str | None = None  # MimCo: MLflow run id of the frozen teacher ...
-    teacher_checkpoint: str | None = None  # ... or a state.pt / checkpoint dir / encoder_timm.pth
-    patch_loss_weight: float = 1.0  # MimCo: patch-level contrastive loss weight
-    image_loss_weight: float = 1.0  # MimCo: image-level contrastive loss weight
-    patch_negatives: str = "batch"  # MimCo: "batch" (all masked patches) or "image" (same image)
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,9 +124,6 @@ class RunSettings:
     keep_last: int = 2
     max_failures: int = 0
     torch_threads: int | None = None  # intra-op threads per training worker (None: Ray's choice)
-    # Tests only: "rank@step" kills that worker once at that optimizer step. Refused unless the
-    # driver's environment has MICL_ALLOW_FAULT_INJECTION=1, so no real run can trigger it.
-    inject_fault: str | None = None
 
 
 @dataclass
@@ -149,7 +135,10 @@ class Config:
     run: RunSettings = field(default_factory=RunSettings)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain values; the method's args sit beside its name, as in the YAML."""
+        values = dataclasses.asdict(self)
+        values["method"] = {"name": self.method.name, **values["method"]["args"]}
+        return values
 
     def flat(self) -> dict[str, Any]:
         """Dotted-name view, e.g. {"method.mask_ratio": 0.9, ...} (MLflow params, Tune spaces)."""
@@ -172,10 +161,17 @@ def _positive(name: str, value: float | int | None, allow_none: bool = False) ->
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError naming the first bad field."""
-    from micl.objectives import OBJECTIVES  # the registry decides which methods exist
+    """Raise ConfigError naming the first bad generic field (data.source and method.* are the
+    registries' to check: `micl.driver.check`)."""
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_optim(cfg.optim)
+    _validate_run(cfg.run)
+    if not isinstance(cfg.method.name, str) or not cfg.method.name:
+        raise _err("method.name", cfg.method.name, "must be a method name")
 
-    m, d, me, o, r = cfg.model, cfg.data, cfg.method, cfg.optim, cfg.run
+
+def _validate_model(m: ModelConfig) -> None:
     if m.name not in MODEL_SIZES:
         raise _err("model.name", m.name, f"unknown model; choose one of {sorted(MODEL_SIZES)}")
     for key in ("img_size", "patch_size", "in_chans"):
@@ -189,10 +185,8 @@ def validate(cfg: Config) -> None:
     if dim % heads:
         raise _err("model.embed_dim", dim, f"not divisible by model.num_heads = {heads}")
 
-    if d.source not in DATA_SOURCES:
-        raise _err("data.source", d.source, f"unknown source; choose one of {list(DATA_SOURCES)}")
-    if d.source in ("imagefolder", "parquet") and not d.path:
-        raise _err("data.path", d.path, f"required for data.source = {d.source}")
+
+def _validate_data(d: DataConfig) -> None:
     _positive("data.batch_size", d.batch_size)
     _positive("data.map_batch_size", d.map_batch_size)
     if not 0 < d.crop_scale_min <= d.crop_scale_max <= 1:
@@ -207,19 +201,8 @@ def validate(cfg: Config) -> None:
     for key in ("limit_train", "knn_bank_size", "knn_query_size"):
         _positive(f"data.{key}", getattr(d, key), allow_none=True)
 
-    if me.name not in OBJECTIVES:
-        raise _err("method.name", me.name, f"unknown method; choose one of {sorted(OBJECTIVES)}")
-    r_ = me.mask_ratio
-    if not isinstance(r_, int | float) or not 0 < r_ < 1:
-        raise _err("method.mask_ratio", r_, "must be in (0, 1)")
-    if math.isnan(me.temperature) or me.temperature <= 0:
-        raise _err("method.temperature", me.temperature, "must be > 0")
-    if me.kappa < 0:
-        raise _err("method.kappa", me.kappa, "must be >= 0")
-    if me.negatives not in NEGATIVES:
-        raise _err("method.negatives", me.negatives, f"choose one of {list(NEGATIVES)}")
-    OBJECTIVES[me.name].validate(cfg)
 
+def _validate_optim(o: OptimConfig) -> None:
     _positive("optim.blr", o.blr)
     _positive("optim.epochs", o.epochs)
     _positive("optim.grad_accum_steps", o.grad_accum_steps)
@@ -230,7 +213,11 @@ def validate(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(o, key) < 1:
             raise _err(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
+    if o.nonfinite not in ("stop", "skip"):
+        raise _err("optim.nonfinite", o.nonfinite, "choose 'stop' or 'skip'")
 
+
+def _validate_run(r: RunSettings) -> None:
     if not isinstance(r.num_workers, int) or r.num_workers < 0:
         raise _err("run.num_workers", r.num_workers, "must be an integer >= 0")
     _positive("run.cpus_per_worker", r.cpus_per_worker)
@@ -239,27 +226,27 @@ def validate(cfg: Config) -> None:
     _positive("run.keep_last", r.keep_last)
     if r.max_failures < -1:
         raise _err("run.max_failures", r.max_failures, "must be >= -1 (-1 retries forever)")
-    if o.nonfinite not in ("stop", "skip"):
-        raise _err("optim.nonfinite", o.nonfinite, "choose 'stop' or 'skip'")
-    if r.inject_fault is not None:
-        if os.environ.get("MICL_ALLOW_FAULT_INJECTION") != "1":
-            raise _err("run.inject_fault", r.inject_fault, "a test-only hook: set "
-                       "MICL_ALLOW_FAULT_INJECTION=1 in the environment to use it")
-        if not re.fullmatch(r"\d+@\d+", str(r.inject_fault)):
-            raise _err("run.inject_fault", r.inject_fault, "expected 'rank@step', e.g. 1@9")
 
 
-def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
-    """Set dataclass fields from a (nested) dict, rejecting unknown keys by their dotted name."""
+def merge_fields(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    """Set dataclass fields from a (nested) dict, rejecting unknown keys by their dotted name
+    (`prefix` + key) and values of the wrong type. The methods' `Args` use it too."""
     if not isinstance(values, dict):
         raise _err(prefix.rstrip(".") or "<config>", values, "expected a mapping")
+    if isinstance(obj, MethodConfig):  # the method's own fields are typed by the method
+        for key, value in values.items():
+            if key == "name":
+                obj.name = value
+            else:
+                obj.args[key] = value
+        return
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in names:
             raise _err(f"{prefix}{key}", value, f"unknown field; known: {sorted(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, f"{prefix}{key}.")
+            merge_fields(current, value, f"{prefix}{key}.")
         else:
             setattr(obj, key, _coerce(f"{prefix}{key}", current, value))
 
@@ -312,7 +299,7 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any]) -> Config:
     cfg = Config()
-    _merge(cfg, values or {}, "")
+    merge_fields(cfg, copy.deepcopy(values or {}), "")
     return cfg
 
 
@@ -328,12 +315,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config error: {p} is not valid YAML: {e}") from None
-        _merge(cfg, values, "")
+        merge_fields(cfg, values, "")
+    return with_overrides(cfg, overrides, flat_overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | None = None,
+                   flat_overrides: dict[str, Any] | None = None) -> Config:
+    """A validated copy of cfg with `section.field=value` strings and a dotted dict applied."""
     flat = dict(parse_override(o) for o in overrides or [])
     flat.update(flat_overrides or {})
-    _merge(cfg, nest(flat), "")
-    return cfg.validate()
+    out = from_dict(cfg.to_dict())
+    merge_fields(out, nest(flat), "")
+    return out.validate()
 
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_from_params(params: dict[str, str]) -> Config:
+    """A Config from MLflow params (the flattened config as strings). Each value is parsed by
+    its field's type (method fields as YAML scalars: the method types them); params of fields
+    this version does not know are ignored."""
+    defaults = Config()
+    types = {f"{s.name}.{f.name}": str(f.type)  # e.g. "int | None" (annotations are strings)
+             for s in dataclasses.fields(defaults)
+             for f in dataclasses.fields(getattr(defaults, s.name))}
+    values: dict[str, Any] = {}
+    for key, raw in params.items():
+        if key in types and key != "method.args":
+            values[key] = _parse_param(raw, types[key])
+        elif key.startswith("method."):
+            values[key] = None if raw == "None" else _parse_param(raw, "")
+    return from_dict(nest(values))
+
+
+def _parse_param(raw: str, type_name: str) -> Any:
+    if raw == "None" and "None" in type_name:
+        return None
+    if type_name.startswith("str"):
+        return raw
+    if type_name == "bool":
+        return raw == "True"
+    try:
+        return yaml.safe_load(raw)  # numbers, lists, bools
+    except yaml.YAMLError:
+        return raw

@@ -1,12 +1,12 @@
-"""Frozen-feature evaluation: cls features of the whole image, a weighted kNN classifier, a
-linear probe, and `evaluate_run` (both protocols on a finished run, logged back to its MLflow run).
+"""Frozen-feature evaluation protocols: cls features of the whole image, a weighted kNN
+classifier, a linear probe. Pure functions of tensors; `micl.driver.evaluate_run` applies them to
+a finished run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -106,83 +106,3 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor,
     with torch.no_grad():
         pred = head(test_feats).argmax(dim=1)
     return (pred == test_labels).float().mean().item()
-
-
-PROTOCOLS = ("knn", "linear")
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]  # knn_top1 / linear_top1
-    run_id: str | None  # the MLflow run they were logged to (None: not logged)
-    tracking_uri: str | None
-    step: int  # the MLflow step they were logged at: the epoch of the evaluated weights
-    extra: dict[str, object] = field(default_factory=dict)
-
-
-def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
-                 protocols: Sequence[str] = PROTOCOLS, overrides: Sequence[str] = (),
-                 tracking_uri: str | None = None, log: bool = True,
-                 linear_epochs: int = 90) -> EvalResult:
-    """Evaluate the encoder of a finished run: kNN top-1 and/or linear-probe top-1.
-
-    The encoder comes from the MLflow run `run_id` (exported weights + params) or from
-    `checkpoint` (a Ray Train checkpoint dir / state.pt, or an exported encoder_timm.pth); its
-    config (data, ...) from the same source, with `overrides` ("section.field=value"; model.*
-    is fixed by the weights) on top. The sets are the ones the training loop's kNN uses: the
-    train split (data.knn_bank_size) as kNN bank / probe training set, the val split
-    (data.knn_query_size) as queries / test set, so `knn_top1` here reproduces the run's.
-
-    Logging: the metrics `knn_top1` / `linear_top1` go to the ORIGINAL MLflow run (run_id, or
-    the run a checkpoint records) at step = the epoch of the weights, i.e. next to the run's
-    own last-epoch `knn_top1`; log=False only returns them.
-    """
-    from micl.config import Config, ConfigError, from_dict, nest, parse_override
-    from micl.models.pretrained import load_encoder
-    from micl.pretrain import build_datasets, connect_ray
-    from micl.tracking import RunLogger
-    from micl.tracking import tracking_uri as resolve_uri
-
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
-    if unknown or not protocols:
-        raise ConfigError(f"config error: protocols = {list(protocols)!r}: choose from "
-                          f"{list(PROTOCOLS)}")
-    uri = tracking_uri or None
-    loaded = load_encoder(run_id=run_id, checkpoint=checkpoint,
-                          tracking_uri=uri or resolve_uri())
-    values = (loaded.config or Config(model=loaded.model)).to_dict()
-    for key, value in (parse_override(o) for o in overrides):
-        if key.startswith("model."):
-            raise ConfigError(f"config error: {key}: the architecture comes from the weights")
-        section, name = nest({key: value}).popitem()
-        values.setdefault(section, {}).update(name)
-    cfg = from_dict(values)
-    cfg.model = loaded.model
-
-    connect_ray()
-    sets, _ = build_datasets(cfg, clock_name="micl-eval-unused")  # the training-time kNN sets
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = loaded.encoder.to(device)
-
-    def features(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract_features(encoder, sets[name].iter_torch_batches(batch_size=512),
-                                cfg.data.mean, cfg.data.std, device, l2=False)
-
-    (bank, bank_labels), (query, query_labels) = features("knn_bank"), features("knn_query")
-    metrics: dict[str, float] = {}
-    if "knn" in protocols:
-        metrics["knn_top1"] = knn_top1(F.normalize(bank, dim=-1), bank_labels,
-                                       F.normalize(query, dim=-1), query_labels)
-    if "linear" in protocols:
-        metrics["linear_top1"] = linear_probe(bank, bank_labels, query, query_labels,
-                                              epochs=linear_epochs, seed=cfg.run.seed)
-    target_run = run_id or loaded.run_id
-    step = int(loaded.epoch or 0)
-    log_uri = uri or resolve_uri(cfg if run_id is None else None)
-    if log and target_run:
-        logger = RunLogger(log_uri, target_run)
-        logger.metrics(metrics, step=step)
-        if logger.failed:
-            raise RuntimeError(f"could not log to MLflow run {target_run} at {log_uri}")
-    return EvalResult(metrics, target_run if log else None, log_uri if log else None, step,
-                      {"bank_size": len(bank_labels), "query_size": len(query_labels)})

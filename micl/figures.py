@@ -25,7 +25,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from micl.artifacts import load_encoder  # noqa: E402
 from micl.config import Config, ConfigError  # noqa: E402
+from micl.data.sources import FASHION_MNIST_CLASSES, read_fashion_mnist  # noqa: E402
+from micl.data.transforms import center_resize, normalize  # noqa: E402
 from micl.models.vit import MaskedViT  # noqa: E402
 
 # ----------------------------------------------------------------------------- computations
@@ -172,8 +175,6 @@ def read_test_images(cfg: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first n Fashion-MNIST test images as the model sees them, uint8 [n, S, S, C]
     (S = model.img_size, centre-resized as the eval stream does), and their labels [n].
     Read from the IDX files directly: no Ray for a few thousand 28x28 images."""
-    from micl.data.sources import read_fashion_mnist
-    from micl.data.transforms import center_resize
 
     if cfg.data.source != "fashion_mnist":
         raise ConfigError(f"config error: data.source = {cfg.data.source!r}: figures support "
@@ -212,9 +213,6 @@ def make_run_figures(run_ids: Sequence[str], labels: Sequence[str] | None, track
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from micl.data.sources import FASHION_MNIST_CLASSES
-    from micl.data.transforms import normalize
-    from micl.models.pretrained import load_encoder
 
     if labels and len(labels) != len(run_ids):
         raise ConfigError(f"config error: {len(labels)} labels for {len(run_ids)} runs")

@@ -85,14 +85,15 @@ def open_run(cfg: Config, run_name: str, **kwargs: Any) -> str | None:
     return None
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An MlflowClient on `uri` (no fluent state: safe in workers and threads)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -109,7 +110,7 @@ def start_or_resume_run(cfg: Config, run_name: str, tags: dict[str, str] | None 
     resumed run keeps one MLflow history) and `resume`, else created with the flattened config
     as params."""
     uri = tracking_uri(cfg)
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = get_or_create_experiment(uri, cfg.run.experiment)
     found = resume and client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                           max_results=1)
@@ -165,12 +166,12 @@ class RunLogger:
             now = int(time.time() * 1000)
             items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                      if isinstance(v, int | float)]
-            _client(self.uri).log_batch(self.run_id, metrics=items)
+            mlflow_client(self.uri).log_batch(self.run_id, metrics=items)
 
         self._guard("metrics", log)
 
     def artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard(f"artifact {local_path}", lambda: _client(self.uri).log_artifact(
+        self._guard(f"artifact {local_path}", lambda: mlflow_client(self.uri).log_artifact(
             self.run_id, str(local_path), artifact_path))
 
     def text(self, text: str, name: str) -> None:
@@ -183,4 +184,5 @@ class RunLogger:
         self.text(to_yaml(cfg), "config.yaml")
 
     def end(self, status: str = "FINISHED") -> None:
-        self._guard("run status", lambda: _client(self.uri).set_terminated(self.run_id, status))
+        self._guard("run status",
+                    lambda: mlflow_client(self.uri).set_terminated(self.run_id, status))

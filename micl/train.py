@@ -1,335 +1,462 @@
-"""The one training loop: `train_loop_per_worker` for ray.train.torch.TorchTrainer.
+"""The one training loop: `train_loop_per_worker(spec)` for ray.train.torch.TorchTrainer.
 
-Every method trains here; the method is only `objective(batch) -> (loss, metrics)`. Each epoch:
-set the epoch clock (the data stream seeds crops and masks from it), train on this worker's
-shard, average loss across workers, evaluate kNN on rank 0, checkpoint, report.
+Every method trains here; a method is `objective(batch) -> (loss, metrics)` plus an optional
+`after_step`. Each epoch: set the epoch clock (the data stream seeds crops and masks from it),
+train on this worker's shard one `train_step` at a time, sum the loss and the method's metrics
+over all workers, evaluate kNN on rank 0, checkpoint, report to Ray Train, log to MLflow.
+
+The pieces that are not about pre-training (`resume`, `save_and_report`, `run_logger`,
+`train_step`) take any module and optimizer, so a fine-tuning loop reuses them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from micl.artifacts import (
+    STATE_FILE,
+    export_encoder,
+    latest_checkpoint_on_storage,
+    load_checkpoint_state,
+    save_state,
+)
 from micl.config import Config, from_dict
 from micl.data.sources import DataError
-from micl.data.stream import epoch_clock
+from micl.data.stream import NAMESPACE, epoch_clock
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
-from micl.models.export import timm_state_dict
 from micl.objectives import Objective, build_objective
-from micl.tracking import RunLogger
+from micl.plots import masked_views_figure
+from micl.tracking import RunLogger, tracking_uri
 
-STATE_FILE = "state.pt"
+# ----------------------------------------------------------------------------- what a worker gets
+
+
+@dataclass
+class StepInfo:
+    """Passed to each step hook after an optimizer step."""
+
+    rank: int
+    epoch: int  # 0-based epoch the step belongs to
+    step: int  # optimizer steps done so far in the run
+
+
+StepHook = Callable[[StepInfo], None]
+
+
+@dataclass
+class LoopSpec:
+    """What the driver hands every training worker."""
+
+    config: dict[str, Any]  # Config.to_dict(), with run.tracking_uri and storage resolved
+    num_train: int  # training samples (files) in the split, before undecodable ones
+    run_dir: str  # this Ray Train run's directory on storage (local path or pyarrow URI)
+    clock_name: str  # the EpochClock actor of this fit (data.stream)
+    starts_name: str  # the LoopStarts actor of this fit (counts restarts)
+    mlflow_run_id: str | None = None  # None: no tracking store
+    hooks: Sequence[StepHook] = ()  # called after every optimizer step, on every worker
+
+
+@ray.remote(num_cpus=0)
+class LoopStarts:
+    """How many times one fit has started its training loop (the driver holds it, so it
+    outlives failed worker groups): 0 for the first start, >= 1 after a restart."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def count(self) -> int:
+        self.starts += 1
+        return self.starts - 1
+
+
+@dataclass
+class Worker:
+    rank: int
+    world: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 on GPU, none (fp32) on CPU
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint restores."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    skipped_steps: int = 0  # non-finite steps skipped (optim.nonfinite = skip)
+    knn_init: float | None = None  # kNN of the random encoder
+    restarts: int = 0  # restarts of this fit (not restored: counted per start)
+
+
+def worker_context(cfg: Config) -> Worker:
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if cfg.run.torch_threads:
+        torch.set_num_threads(cfg.run.torch_threads)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    torch.manual_seed(cfg.run.seed)
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device,
+                  torch.bfloat16 if device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- optimisation
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norm weights and the cls token (MAE)."""
+    """AdamW groups as in the reference code (timm 0.3's add_weight_decay, used by MAE and
+    MiCL): no decay on biases and 1-D weights (norms); every other tensor, the cls and mask
+    tokens included, decays."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith("cls_token") or name.endswith("mask_token")
-        (no_decay if skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(epoch: float, base_lr: float, warmup_epochs: float, epochs: int) -> float:
+def base_lr(cfg: Config, world: int) -> float:
+    """lr = blr * global batch / 256, the global batch counting workers and accumulation."""
+    global_batch = cfg.data.batch_size * max(world, 1) * cfg.optim.grad_accum_steps
+    return cfg.optim.blr * global_batch / 256
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, world: int, on_gpu: bool
+                    ) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay),
+                             lr=base_lr(cfg, world), betas=(cfg.optim.beta1, cfg.optim.beta2),
+                             fused=on_gpu or None)
+
+
+def lr_at(epoch: float, peak_lr: float, warmup_epochs: float, epochs: int) -> float:
     """Per-step linear warmup, then half-cycle cosine to 0 (epoch is fractional)."""
     if epoch < warmup_epochs:
-        return base_lr * epoch / warmup_epochs
+        return peak_lr * epoch / warmup_epochs
     progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def steps_per_epoch(num_train: int, cfg: Config, world_size: int) -> int:
     """Optimizer steps per epoch: each worker gets num_train / world rows, drops the last
-    partial batch (equal batch sizes keep the contrastive task fixed) and accumulates."""
+    partial batch (equal batch sizes keep the contrastive task fixed) and the micro-batches
+    that do not fill a last accumulation group."""
     batches = (num_train // max(world_size, 1)) // cfg.data.batch_size
     return max(1, batches // cfg.optim.grad_accum_steps)
 
 
-def unwrap(model: torch.nn.Module) -> Objective:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int,
-               step: int, cfg: Config, extra: dict[str, Any]) -> None:
-    """Write the training state to a temporary name, then rename: a crash mid-write never
-    leaves a truncated state.pt (Ray Train registers the directory only after this returns)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "epoch": epoch, "step": step, "config": cfg.to_dict(),
-                "torch_rng": torch.get_rng_state(), **extra}, tmp)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint_on_storage(run_dir: str) -> ray.train.Checkpoint | None:
-    """The newest `checkpoint_*` directory of a run that holds a complete state file (written
-    by save_state's rename, so never a partial one); local paths or any pyarrow URI."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir \
-        else (pafs.LocalFileSystem(), str(Path(run_dir).resolve()))
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return None
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_")), reverse=True)
-    for d in dirs:
-        if fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File:
-            return ray.train.Checkpoint(d, filesystem=fs)
-    return None
-
-
-def parse_fault(spec: str | None) -> tuple[int, int] | None:
-    """`run.inject_fault = "rank@step"` (tests only; see config validation) -> (rank, step)."""
-    if not spec:
-        return None
-    rank, step = spec.split("@")
-    return int(rank), int(step)
-
-
-def _inject_fault(loop_config: dict[str, Any], rank: int, step: int) -> None:
-    """Kill this worker process hard, once per run (a marker file keeps the restarted worker
-    alive), the way a preempted node or an OOM kill would."""
-    marker = Path(loop_config["fault_marker_dir"]) / f"fault-{rank}-{step}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    print(f"[micl] injected fault: rank {rank} exits at step {step}", flush=True)
-    os._exit(1)
-
-
-def _stop_on_nonfinite(rank: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                       epoch: int, step: int, cfg: Config, loop_config: dict[str, Any],
-                       knn_init: float | None) -> None:
-    """Save the state from before the bad step (not yet applied), report it, and stop."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            save_state(Path(tmp) / STATE_FILE, model, opt, epoch, step, cfg,
-                       {"mlflow_run_id": loop_config.get("mlflow_run_id"),
-                        "knn_top1_init": knn_init, "nonfinite_at_step": step})
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"epoch": epoch, "step": step, "nonfinite": 1}, checkpoint=ckpt)
-    raise FloatingPointError(
-        f"non-finite loss or gradient at step {step + 1} (epoch {epoch + 1}): stopped; the "
-        f"checkpoint from before that step was saved. Lower optim.blr, set optim.clip_grad, or "
-        f"set optim.nonfinite=skip to skip such steps")
-
-
-def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _to_device(batch: dict[str, torch.Tensor], cfg: Config, device: torch.device
-               ) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], cfg: Config, device: torch.device
+              ) -> dict[str, torch.Tensor]:
+    """Move a stream batch to the device; every `image*` column (each view of the method) is
+    normalised there (the stream ships uint8: 4x less data than float32)."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     for k in out:
-        if k.startswith("image"):  # every view of the method (Objective.image_views)
+        if k.startswith("image"):
             out[k] = normalize(out[k], cfg.data.mean, cfg.data.std)
     return out
 
 
-def evaluate_knn(encoder: torch.nn.Module, cfg: Config, device: torch.device,
-                 autocast_dtype: torch.dtype | None) -> float:
-    def batches(name: str):
-        shard = ray.train.get_dataset_shard(name)
-        return shard.iter_torch_batches(batch_size=512, prefetch_batches=2)
-
-    bank = extract_features(encoder, batches("knn_bank"), cfg.data.mean, cfg.data.std,
-                            device, autocast_dtype)
-    query = extract_features(encoder, batches("knn_query"), cfg.data.mean, cfg.data.std,
-                             device, autocast_dtype)
-    return knn_top1(*bank, *query)
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean over the micro-batches (detached)
+    metrics: dict[str, torch.Tensor]  # the objective's metrics, means over the micro-batches
+    images: int
+    finite: bool  # False: the step was not applied (non-finite loss or gradient)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    cfg = from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if cfg.run.torch_threads:
-        torch.set_num_threads(cfg.run.torch_threads)
-    on_gpu = device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if on_gpu else None  # fp32 on CPU
-    ray.data.DataContext.get_current().enable_progress_bars = False
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer,
+               micro_batches: Sequence[dict[str, torch.Tensor]], clip: float | None = None,
+               autocast_dtype: torch.dtype | None = None) -> StepResult:
+    """One optimizer step over one or more micro-batches (gradient accumulation).
 
-    torch.manual_seed(cfg.run.seed)
-    if loop_config.get("tracking_uri"):  # objectives that read MLflow (a MimCo teacher) must
-        os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]  # see the driver's store
-    objective = build_objective(cfg)
-    global_batch = cfg.data.batch_size * max(world, 1) * cfg.optim.grad_accum_steps
-    base_lr = cfg.optim.blr * global_batch / 256
-    opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=base_lr,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2), fused=on_gpu or None)
-    start_epoch, step, knn_init = 0, 0, None
-    clock = epoch_clock(loop_config["clock_name"])
-    # The driver's clock outlives worker groups: how many times this fit has started the loop.
-    restarts = [ray.get(clock.count_start.remote()) if rank == 0 else 0]
-    if world > 1:
+    Gradients are averaged over the micro-batches; DDP all-reduces only on the last one. The
+    grad norm is taken from DDP's all-reduced gradients, so every rank reaches the same
+    verdict on a non-finite step and they stay in lockstep (one host sync per step). The
+    gradients are always cleared at the end: nothing carries into the next step or epoch.
+    """
+    n = len(micro_batches)
+    loss_sum = torch.zeros(())
+    metric_sums: dict[str, torch.Tensor] = {}
+    images = 0
+    for i, batch in enumerate(micro_batches):
+        device = batch["image"].device
+        no_sync = model.no_sync() if i < n - 1 and hasattr(model, "no_sync") \
+            else contextlib.nullcontext()
+        with torch.autocast(device.type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None), no_sync:
+            loss, metrics = model(batch)
+            (loss / n).backward()
+        loss_sum = loss_sum.to(device) + loss.detach().float()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + torch.as_tensor(v).detach().float()
+        images += batch["image"].shape[0]
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
+    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    if finite:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(loss_sum / n, {k: v / n for k, v in metric_sums.items()}, images, finite)
+
+
+def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of `size`; a last incomplete group is dropped (it would otherwise
+    leave unapplied gradients behind, or take a step on fewer samples than the lr assumes)."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+# ----------------------------------------------------------------------------- resume, save, report
+
+
+def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, spec: LoopSpec, w: Worker
+           ) -> TrainState:
+    """Restore model, optimizer, counters and RNG from the fit's latest checkpoint, if any."""
+    counter = ray.get_actor(spec.starts_name, namespace=NAMESPACE) if w.rank == 0 else None
+    restarts = [ray.get(counter.count.remote()) if counter else 0]
+    if w.world > 1:
         dist.broadcast_object_list(restarts, src=0)
-    restarts = restarts[0]
+    state = TrainState(restarts=restarts[0])
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and restarts:
+    if checkpoint is None and state.restarts:
         # Ray Train registers a reported checkpoint at its next poll of the workers (every 2 s);
         # a worker that dies sooner after a report leaves it complete on storage but unknown.
-        checkpoint = latest_checkpoint_on_storage(loop_config["run_dir"])
+        checkpoint = latest_checkpoint_on_storage(spec.run_dir)
     if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
-        objective.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        knn_init = state.get("knn_top1_init")
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-    model = ray.train.torch.prepare_model(objective) if world > 1 else objective.to(device)
+        saved = load_checkpoint_state(checkpoint)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state.epoch, state.step = saved["epoch"], saved["step"]
+        state.skipped_steps = saved.get("skipped_steps", 0)
+        state.knn_init = saved.get("knn_top1_init")
+        if "torch_rng" in saved:
+            torch.set_rng_state(saved["torch_rng"])
+    if state.restarts and w.rank == 0:
+        print(f"[micl] restart {state.restarts}: resuming from epoch {state.epoch}, "
+              f"step {state.step}")
+    return state
 
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) \
-        if rank == 0 and loop_config.get("mlflow_run_id") else None
-    per_epoch = steps_per_epoch(loop_config["num_train"], cfg, world)
-    shard = ray.train.get_dataset_shard("train")
-    accum = cfg.optim.grad_accum_steps
-    if restarts and rank == 0:
-        print(f"[micl] restart {restarts}: resuming from epoch {start_epoch}, step {step}")
-    fault = parse_fault(cfg.run.inject_fault)
-    skipped_steps = 0
 
-    if start_epoch == 0 and rank == 0 and loop_config.get("eval_init", True):
-        knn_init = evaluate_knn(unwrap(model).encoder, cfg, device, autocast_dtype)
-        print(f"[micl] epoch 0 (random init): knn_top1 = {knn_init:.4f}")
-        if logger:
-            logger.metrics({"knn_top1": knn_init, "epoch": 0}, step=0)
-            logger.config(cfg)
+def checkpoint_state(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
+                     spec: LoopSpec, state: TrainState) -> dict[str, Any]:
+    return {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+            "epoch": state.epoch, "step": state.step, "skipped_steps": state.skipped_steps,
+            "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(),
+            "mlflow_run_id": spec.mlflow_run_id, "knn_top1_init": state.knn_init}
 
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        ray.get(clock.set.remote(epoch))
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        n_batches = n_images = 0
-        lr = opt.param_groups[0]["lr"]
-        for i, raw in enumerate(shard.iter_torch_batches(
-                batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2,
-                pin_memory=on_gpu)):
-            raw.pop("skipped", None)  # counted exactly by the clock instead
-            if epoch == start_epoch == 0 and i == 0 and logger:
-                _log_mask_picture(logger, raw, cfg)
-            batch = _to_device(raw, cfg, device)
-            lr = lr_at(min(step / per_epoch, epoch + 1), base_lr,
-                       cfg.optim.warmup_epochs, cfg.optim.epochs)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            sync = (i + 1) % accum == 0
-            with (torch.autocast(device.type, dtype=autocast_dtype,
-                                 enabled=autocast_dtype is not None),
-                  model.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
-                loss, _ = model(batch)
-                (loss / accum).backward()
-            n_batches += 1
-            n_images += batch["image"].shape[0]
-            if not sync:
-                loss_sum += loss.detach()
-                continue
-            # The grad norm is computed from DDP's all-reduced gradients, so every rank sees
-            # the same verdict and they stay in lockstep (one host sync per optimizer step).
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.optim.clip_grad or math.inf)
-            if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
-                if cfg.optim.nonfinite == "skip":
-                    opt.zero_grad(set_to_none=True)
-                    skipped_steps += 1
-                    continue
-                _stop_on_nonfinite(rank, model, opt, epoch, step, cfg, loop_config, knn_init)
-            loss_sum += loss.detach()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if fault and fault == (rank, step):
-                _inject_fault(loop_config, rank, step)
-        elapsed = time.perf_counter() - t0
-        total_loss, total_batches, total_images = _all_reduce_sum(
-            [loss_sum.item(), n_batches, n_images], device)
-        total_skipped, bad_examples = ray.get(clock.skipped.remote(epoch))
-        if total_skipped > cfg.data.max_bad_fraction * loop_config["num_train"]:
-            raise DataError(
-                f"data error: {total_skipped} of {loop_config['num_train']} files could not be "
-                f"decoded in epoch {epoch + 1}, more than data.max_bad_fraction = "
-                f"{cfg.data.max_bad_fraction}; e.g. {', '.join(bad_examples[:5])}")
-        if total_batches == 0:
-            raise RuntimeError("the training stream produced no full batch this epoch: "
-                               f"data.batch_size = {cfg.data.batch_size} is larger than each "
-                               "worker's share of the data")
-        loss_value = total_loss / max(total_batches - skipped_steps * accum, 1)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "loss": loss_value, "lr": lr,
-            "images_per_s": total_images / elapsed, "skipped": total_skipped,
-            "restarts": restarts, "skipped_steps": skipped_steps,
-        }
-        last = epoch + 1 == cfg.optim.epochs
-        if rank == 0 and ((epoch + 1) % cfg.run.eval_every == 0 or last):
-            metrics["knn_top1"] = evaluate_knn(unwrap(model).encoder, cfg, device,
-                                               autocast_dtype)
-        if knn_init is not None:
-            metrics["knn_top1_init"] = knn_init
-        if rank == 0:
-            print(f"[micl] epoch {epoch + 1}/{cfg.optim.epochs} " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",)))
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0 and ((epoch + 1) % cfg.run.checkpoint_every == 0 or last):
-                save_state(Path(tmp) / STATE_FILE, model, opt, epoch + 1, step, cfg,
-                           {"mlflow_run_id": loop_config.get("mlflow_run_id"),
-                            "knn_top1_init": knn_init})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-        # Logged once the epoch's checkpoint is safe: a crash between the two can lose an
-        # epoch's MLflow row but never log an epoch twice after the resume.
-        if logger:
-            logger.metrics(metrics, step=epoch + 1)
 
+def report(metrics: dict[str, Any], w: Worker, payload: dict[str, Any] | None) -> None:
+    """ray.train.report on every rank (a barrier); rank 0 attaches `payload` as the
+    checkpoint's state file when given."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0 and payload is not None:
+            save_state(Path(tmp) / STATE_FILE, payload)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def save_and_report(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
+                    spec: LoopSpec, state: TrainState, metrics: dict[str, Any], w: Worker,
+                    logger: RunLogger | None) -> None:
+    """Checkpoint (every run.checkpoint_every epochs and at the end), report, then log."""
+    due = state.epoch % cfg.run.checkpoint_every == 0 or state.epoch == cfg.optim.epochs
+    payload = checkpoint_state(model, opt, cfg, spec, state) if due and w.rank == 0 else None
+    report(metrics, w, payload)
+    # Logged once the epoch's checkpoint is safe: a crash between the two can lose an
+    # epoch's MLflow row but never log an epoch twice after the resume.
     if logger:
-        _log_encoder(logger, unwrap(model), cfg)
+        logger.metrics(metrics, step=state.epoch)
 
 
-def _log_encoder(logger: RunLogger, objective: Objective, cfg: Config) -> None:
-    import json
+def stop_on_nonfinite(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
+                      spec: LoopSpec, state: TrainState, w: Worker) -> None:
+    """Save the state from before the bad step (train_step did not apply it), report, stop."""
+    payload = checkpoint_state(model, opt, cfg, spec, state) if w.rank == 0 else None
+    if payload is not None:
+        payload["nonfinite_at_step"] = state.step
+    report({"epoch": state.epoch, "step": state.step, "nonfinite": 1}, w, payload)
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {state.step + 1} (epoch {state.epoch + 1}): "
+        "stopped; the checkpoint from before that step was saved. Lower optim.blr, set "
+        "optim.clip_grad, or set optim.nonfinite=skip to skip such steps")
 
-    from micl.models.export import TIMM_NAMES, timm_kwargs
 
+def run_logger(spec: LoopSpec, cfg: Config, w: Worker) -> RunLogger | None:
+    if w.rank != 0 or not spec.mlflow_run_id:
+        return None
+    return RunLogger(tracking_uri(cfg), spec.mlflow_run_id)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def wrap_model(model: torch.nn.Module, w: Worker) -> torch.nn.Module:
+    return ray.train.torch.prepare_model(model) if w.world > 1 else model.to(w.device)
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class EpochSums:
+    """This worker's sums over the applied steps of an epoch (all-reduced by close_epoch)."""
+
+    loss: float = 0.0
+    steps: int = 0
+    images: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    lr: float = 0.0
+
+    def add(self, result: StepResult) -> None:
+        self.loss += result.loss.item()
+        self.steps += 1
+        self.images += result.images
+        for k, v in result.metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v.item()
+
+    def reduce(self, device: torch.device) -> EpochSums:
+        """Sums over all workers (every worker has the same metric names)."""
+        names = sorted(self.metrics)
+        values = [self.loss, self.steps, self.images, *(self.metrics[k] for k in names)]
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        loss, steps, images, *rest = t.tolist()
+        return EpochSums(loss, int(steps), int(images), dict(zip(names, rest, strict=True)),
+                         self.seconds, self.lr)
+
+    def means(self) -> dict[str, float]:
+        """Epoch means per applied step: the loss and each of the objective's metrics."""
+        n = max(self.steps, 1)
+        return {"loss": self.loss / n, **{k: v / n for k, v in self.metrics.items()}}
+
+
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
+                spec: LoopSpec, state: TrainState, w: Worker, logger: RunLogger | None
+                ) -> EpochSums:
+    """One pass over this worker's shard; state.step counts applied optimizer steps."""
+    ray.get(epoch_clock(spec.clock_name).set.remote(state.epoch))
+    model.train()
+    sums, t0 = EpochSums(), time.perf_counter()
+    per_epoch = steps_per_epoch(spec.num_train, cfg, w.world)
+    peak = base_lr(cfg, w.world)
+    for micro in grouped(stream_batches(cfg, w, state, logger), cfg.optim.grad_accum_steps):
+        sums.lr = lr_at(min(state.step / per_epoch, state.epoch + 1), peak,
+                        cfg.optim.warmup_epochs, cfg.optim.epochs)
+        for group in opt.param_groups:
+            group["lr"] = sums.lr
+        result = train_step(model, opt, micro, cfg.optim.clip_grad, w.autocast_dtype)
+        if not result.finite:
+            if cfg.optim.nonfinite != "skip":
+                stop_on_nonfinite(model, opt, cfg, spec, state, w)
+            state.skipped_steps += 1
+            continue
+        sums.add(result)
+        state.step += 1
+        unwrap(model).after_step(state.step, per_epoch * cfg.optim.epochs)
+        for hook in spec.hooks:
+            hook(StepInfo(w.rank, state.epoch, state.step))
+    sums.seconds = time.perf_counter() - t0
+    return sums
+
+
+def stream_batches(cfg: Config, w: Worker, state: TrainState, logger: RunLogger | None
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches of the training stream, on the device."""
+    shard = ray.train.get_dataset_shard("train")
+    for i, raw in enumerate(shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2,
+            pin_memory=w.device.type == "cuda")):
+        raw.pop("skipped", None)  # counted exactly by the clock instead
+        if logger and i == 0 and state.epoch == 0:
+            log_mask_picture(logger, raw, cfg)
+        yield to_device(raw, cfg, w.device)
+
+
+def close_epoch(sums: EpochSums, model: torch.nn.Module, cfg: Config, spec: LoopSpec,
+                state: TrainState, w: Worker) -> dict[str, Any]:
+    """All-reduce the epoch's sums, enforce data.max_bad_fraction, evaluate kNN when due."""
+    total = sums.reduce(w.device)
+    skipped, examples = ray.get(epoch_clock(spec.clock_name).skipped.remote(state.epoch))
+    if skipped > cfg.data.max_bad_fraction * spec.num_train:
+        raise DataError(
+            f"data error: {skipped} of {spec.num_train} files could not be decoded in epoch "
+            f"{state.epoch + 1}, more than data.max_bad_fraction = {cfg.data.max_bad_fraction}"
+            f"; e.g. {', '.join(examples[:5])}")
+    if total.steps == 0 and state.skipped_steps == 0:
+        raise RuntimeError("the training stream produced no full batch this epoch: "
+                           f"data.batch_size = {cfg.data.batch_size} is larger than each "
+                           "worker's share of the data")
+    state.epoch += 1
+    metrics: dict[str, Any] = {
+        "epoch": state.epoch, "step": state.step, **total.means(), "lr": total.lr,
+        "images_per_s": total.images / max(total.seconds, 1e-9), "skipped": skipped,
+        "restarts": state.restarts, "skipped_steps": state.skipped_steps}
+    if w.rank == 0 and (state.epoch % cfg.run.eval_every == 0 or state.epoch == cfg.optim.epochs):
+        metrics["knn_top1"] = evaluate_knn(unwrap(model).encoder, cfg, w)
+    if state.knn_init is not None:
+        metrics["knn_top1_init"] = state.knn_init
+    if w.rank == 0:
+        print(f"[micl] epoch {state.epoch}/{cfg.optim.epochs} " + " ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- kNN and artifacts
+
+
+def evaluate_knn(encoder: torch.nn.Module, cfg: Config, w: Worker) -> float:
+    """Weighted kNN top-1 of the encoder's cls features: the `knn_bank` and `knn_query` sets."""
+    def features(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = ray.train.get_dataset_shard(name).iter_torch_batches(
+            batch_size=512, prefetch_batches=2)
+        return extract_features(encoder, batches, cfg.data.mean, cfg.data.std, w.device,
+                                w.autocast_dtype)
+
+    return knn_top1(*features("knn_bank"), *features("knn_query"))
+
+
+def initial_knn(model: torch.nn.Module, cfg: Config, w: Worker, logger: RunLogger | None
+                ) -> float | None:
+    """kNN of the random encoder (rank 0), the baseline every epoch is compared with."""
+    if w.rank != 0:
+        return None
+    knn = evaluate_knn(unwrap(model).encoder, cfg, w)
+    print(f"[micl] epoch 0 (random init): knn_top1 = {knn:.4f}")
+    if logger:
+        logger.metrics({"knn_top1": knn, "epoch": 0}, step=0)
+        logger.config(cfg)
+    return knn
+
+
+def log_encoder(logger: RunLogger, objective: Objective, cfg: Config) -> None:
+    """The encoder as timm weights + its architecture, under the run's `encoder/`."""
     with tempfile.TemporaryDirectory() as d:
-        torch.save(timm_state_dict(objective.encoder), Path(d) / "encoder_timm.pth")
-        (Path(d) / "timm_model.json").write_text(json.dumps(
-            {"model_name": TIMM_NAMES[cfg.model.name], "num_classes": 0,
-             **timm_kwargs(cfg.model)}, indent=1))
-        logger.artifact(Path(d) / "encoder_timm.pth", "encoder")
-        logger.artifact(Path(d) / "timm_model.json", "encoder")
+        weights = export_encoder(objective.encoder, cfg.model, d)
+        for path in sorted(weights.parent.iterdir()):
+            logger.artifact(path, "encoder")
 
 
-def _log_mask_picture(logger: RunLogger, batch: dict[str, torch.Tensor], cfg: Config) -> None:
-    from micl.plots import masked_views_figure
-
+def log_mask_picture(logger: RunLogger, batch: dict[str, torch.Tensor], cfg: Config) -> None:
     masks = {k: v for k, v in batch.items()
              if not k.startswith("image") and k not in ("label", "sample_id", "path")}
     with tempfile.TemporaryDirectory() as d:
@@ -337,3 +464,24 @@ def _log_mask_picture(logger: RunLogger, batch: dict[str, torch.Tensor], cfg: Co
         masked_views_figure(batch["image"][:6], {k: v[:6] for k, v in masks.items()},
                             cfg.model.patch_size, path)
         logger.artifact(path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(spec: LoopSpec) -> None:
+    cfg = from_dict(spec.config)
+    w = worker_context(cfg)
+    objective = build_objective(cfg)
+    opt = build_optimizer(objective, cfg, w.world, w.device.type == "cuda")
+    state = resume(objective, opt, spec, w)
+    model = wrap_model(objective, w)
+    logger = run_logger(spec, cfg, w)
+    if state.epoch == 0:
+        state.knn_init = initial_knn(model, cfg, w, logger)
+    while state.epoch < cfg.optim.epochs:
+        sums = train_epoch(model, opt, cfg, spec, state, w, logger)
+        metrics = close_epoch(sums, model, cfg, spec, state, w)
+        save_and_report(model, opt, cfg, spec, state, metrics, w, logger)
+    if logger:
+        log_encoder(logger, objective, cfg)

@@ -18,8 +18,8 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from micl.config import Config, from_dict, to_yaml
-from micl.pretrain import build_trainer, connect_ray, storage_path
-from micl.tracking import ROLE_TAG, RunLogger, _client, start_or_resume_run, tracking_uri
+from micl.driver import build_trainer, check, connect_ray, resolve
+from micl.tracking import ROLE_TAG, RunLogger, mlflow_client, start_or_resume_run
 from micl.tune_space import SearchSpace, apply_trial_params
 
 SEARCH_TAG = "micl.search"  # the search name, on the parent and on every trial
@@ -76,7 +76,7 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str):
                                            "micl.trial_id": trial_id})
         trainer = build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()])
         trainer.fit()
-        RunLogger(tracking_uri(cfg), run_id).end("FINISHED")
+        RunLogger(cfg.run.tracking_uri, run_id).end("FINISHED")
 
     return train_trial
 
@@ -86,12 +86,12 @@ def _parent_run(base: Config, name: str, space: SearchSpace, resume: bool) -> st
     # children (found by parent id) are this search's trials only.
     parent = start_or_resume_run(base, name, tags={ROLE_TAG: "search", SEARCH_TAG: name},
                                  resume=resume)
-    logger = RunLogger(tracking_uri(base), parent)
+    logger = RunLogger(base.run.tracking_uri, parent)
     logger.text(to_yaml(base), "base_config.yaml")
     import yaml
 
     logger.text(yaml.safe_dump(space.to_dict(), sort_keys=False), "search_space.yaml")
-    client = _client(tracking_uri(base))
+    client = mlflow_client(base.run.tracking_uri)
     for key, value in (("search.scheduler", space.scheduler), ("search.algorithm", space.search),
                        ("search.metric", space.metric), ("search.num_trials",
                                                           space.num_trials())):
@@ -101,7 +101,7 @@ def _parent_run(base: Config, name: str, space: SearchSpace, resume: bool) -> st
 
 def _close_stopped_children(uri: str, parent_run_id: str, experiment: str) -> None:
     """Trials stopped by the scheduler die before their run is ended: mark them KILLED."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent_run_id}'")
@@ -114,14 +114,12 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     """Run (or resume, when `name` names an interrupted search) a Tune search over `space`."""
     import time
 
+    # Check and resolve the defaults here: trials run in their own directories, where a
+    # relative ./mlflow.db or ./runs would point somewhere else.
+    base = resolve(check(from_dict(base.to_dict()), preflight=True))
     connect_ray()
     name = name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
-    # Resolve the defaults here: trials run in their own directories, where a relative
-    # ./mlflow.db or ./runs would point somewhere else.
-    base = from_dict(base.to_dict())
-    base.run.tracking_uri, base.run.storage_path = tracking_uri(base), storage_path(base)
-    uri = tracking_uri(base)
-    root = storage_path(base)
+    uri, root = base.run.tracking_uri, base.run.storage_path
     path = f"{root.rstrip('/')}/{name}"
     restoring = tune.Tuner.can_restore(path)
     parent = _parent_run(base, name, space, resume=restoring)
@@ -153,7 +151,7 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     scored = [t for t in trials if _finite(t[space.metric])]
     best = (max if space.mode == "max" else min)(scored, key=lambda t: t[space.metric],
                                                  default=None)
-    client = _client(uri)
+    client = mlflow_client(uri)
     if best is not None:
         client.log_metric(parent, f"best_{space.metric}", best[space.metric])
         client.set_tag(parent, "search.best_params", str(best["params"]))

@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from micl.config import Config, ConfigError, from_dict, nest
+from micl.driver import check
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 LIST_KINDS = ("grid", "choice")
@@ -163,13 +164,13 @@ def parse_space(raw: Any, base: Config | None = None, source: str = "<search spa
 
 def apply_trial_params(base: Config, params: dict[str, Any]) -> Config:
     """A validated copy of `base` with the dotted `params` of one trial applied."""
-    known = base.flat()
+    known = check(from_dict(base.to_dict())).flat()  # the method's own fields included
     for name in params:
         if name not in known:
             raise ConfigError(f"config error: {name}: unknown config field"
                               + _did_you_mean(name, list(known)))
     flat = {**known, **{name: _plain(value) for name, value in params.items()}}
-    return from_dict(nest(flat)).validate()
+    return check(from_dict(nest(flat)))
 
 
 # --- validation helpers -----------------------------------------------------------------------

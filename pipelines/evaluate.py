@@ -5,7 +5,7 @@
     python pipelines/evaluate.py --run-id <id> --set data.knn_bank_size=60000
 
 The numbers (`knn_top1`, `linear_top1`) are printed and logged to the run's own MLflow run at
-the step of its last epoch (see micl.evaluate.evaluate_run).
+the step of its last epoch (see micl.driver.evaluate_run).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
 
-    from micl.evaluate import evaluate_run
+    from micl.driver import evaluate_run
 
     try:
         result = evaluate_run(run_id=args.run_id, checkpoint=args.checkpoint,
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # includes DataError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sizes = result.extra
-    print(f"\n== micl evaluation ({sizes['bank_size']} train / {sizes['query_size']} test "
+    print(f"\n== micl evaluation ({result.bank_size} train / {result.query_size} test "
           "images) ==")
     for name, value in result.metrics.items():
         print(f"{name:<12} {value:.4f}")

@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override a config field")
     args = parser.parse_args(argv)
+    from micl.data.sources import DataError
+    from micl.driver import PretrainError, check, run_pretraining
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = check(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from micl.data.sources import DataError
-    from micl.pretrain import PretrainError, run_pretraining
 
     try:
         result = run_pretraining(cfg)

@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="compare", help="where the table CSV and plot go")
     args = parser.parse_args(argv)
 
+    from micl.driver import check
     from micl.tune_space import load_space
 
     try:  # every config and space error surfaces here, before Ray starts
-        base = load_config(args.config, args.overrides)
+        base = check(load_config(args.config, args.overrides))
         space = load_space(args.space, base=base)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

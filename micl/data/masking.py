@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -39,3 +41,35 @@ def sample_rng(run_seed: int, epoch: int, sample_id: int) -> np.random.Generator
     """The generator for one sample in one epoch: every random choice for that sample
     (crop, flip, masks) comes from it, so a run is reproducible whatever the batching."""
     return np.random.default_rng([run_seed & 0xFFFFFFFF, epoch, int(sample_id) & (2**63 - 1)])
+
+
+# Per-sample mask samplers. An objective names the ones it needs (its `stream_spec`); the stream
+# calls each with the sample's generator, in order, after the views' crops. They are plain
+# dataclasses so that Ray can ship them to the map tasks.
+
+
+@dataclass(frozen=True)
+class ViewPairMasks:
+    """MiCL: two disjoint views of k = patches_per_view(L, r) patch indices -> {view1: [k],
+    view2: [k]} (the column names are `names`)."""
+
+    num_patches: int
+    mask_ratio: float
+    names: tuple[str, str] = ("view1", "view2")
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        v1, v2 = sample_view_indices(1, self.num_patches, self.mask_ratio, rng)
+        return {self.names[0]: v1[0], self.names[1]: v2[0]}
+
+
+@dataclass(frozen=True)
+class VisibleMaskedMasks:
+    """MAE: {prefix + "visible": [n], prefix + "masked": [L - n]} (n = max(1, int(L (1 - r))))."""
+
+    num_patches: int
+    mask_ratio: float
+    prefix: str = ""
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        visible, masked = sample_mae_mask(1, self.num_patches, self.mask_ratio, rng)
+        return {f"{self.prefix}visible": visible[0], f"{self.prefix}masked": masked[0]}

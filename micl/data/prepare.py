@@ -27,7 +27,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from micl.data.sources import DataError, list_image_folder, resolve_path, stable_sample_id
+from micl.data.sources import (
+    DataError,
+    image_folder_split,
+    list_image_folder,
+    resolve_path,
+    stable_sample_id,
+)
 from micl.data.transforms import to_pil
 
 
@@ -83,13 +89,15 @@ def _write_shard(job: tuple) -> tuple[int, list[str]]:
     return len(images), bad
 
 
-def _split_root(fs: pafs.FileSystem, root: str, split: str, first_split: bool) -> str:
-    p = posixpath.join(root, split)
-    if fs.get_file_info(p).type == pafs.FileType.Directory:
-        return p
-    if first_split:  # a flat <src>/<class>/ tree is the first (train) split
-        return root
-    raise DataError(f"data error: {p}: no such split directory")
+def _split_root(fs: pafs.FileSystem, root: str, split: str, first_split: bool,
+                splits: Sequence[str]) -> str:
+    """The folder of `split` in the source tree by the imagefolder source's rule (a flat
+    <src>/<class>/ tree is the first, train, split), so shards get the labels and sample ids
+    a direct `data.source: imagefolder` read of the same tree gives."""
+    split_root = image_folder_split(fs, root, split, first_split, splits)
+    if split_root is None:
+        raise DataError(f"data error: {posixpath.join(root, split)}: no such split directory")
+    return split_root
 
 
 def _prepare_dst(fs: pafs.FileSystem, out_dir: str, overwrite: bool) -> None:
@@ -122,7 +130,7 @@ def write_parquet_shards(
     classes: list[str] | None = None
     reports: dict[str, SplitReport] = {}
     for n_split, split in enumerate(splits):
-        root = _split_root(src_fs, src_root, split, n_split == 0)
+        root = _split_root(src_fs, src_root, split, n_split == 0, splits)
         classes, files = list_image_folder(src_fs, root, classes)
         if not classes or not files:
             raise DataError(f"data error: {root}: no images in class folders")

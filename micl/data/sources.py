@@ -1,4 +1,4 @@
-"""Data sources -> `ray.data.Dataset` of raw samples.
+"""Data sources -> `ray.data.Dataset` of raw samples, one `Source` class per `data.source`.
 
 Every source gives the same columns:
 
@@ -7,6 +7,11 @@ Every source gives the same columns:
 - `sample_id`: int64, stable across runs and machines: the index for array sources, a 63-bit
   hash of the path relative to the split root for files, so masks drawn from it are reproducible;
 - `path`: string, relative to the split root ("" for array sources).
+
+Sources register themselves with `@source("name")` in `SOURCES`; everything that depends on
+which source a config names (loading, sizes, class names, config checks, whether the stream can
+fuse the read into its map task) asks the class from `source_for(cfg)`, so a new source is one
+class here and no if-chain elsewhere.
 
 Decoding happens later, in the stream (`micl.data.stream`), so that corrupt files reach our
 decoder and are skipped and counted rather than crashing a reader.
@@ -24,8 +29,8 @@ import math
 import os
 import posixpath
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +68,81 @@ class DataError(ConfigError):
     """The data a config points at is missing, empty or malformed (one line, naming the path)."""
 
 
+# ----------------------------------------------------------------------------- registry
+
+
+class Source:
+    """One kind of `data.source`. Stateless: every method takes the config, so the class (or an
+    instance from `source_for`) can be used from any process without setup.
+
+    `fuses_read`: the source's read blocks are already sized for the training map task (one
+    Parquet shard, or map_batch_size image files), so the stream maps them whole and Ray fuses
+    the read into the map task (no separate Read operator, no object-store hop). In-memory
+    sources have big blocks and are re-batched to map_batch_size instead.
+    """
+
+    name: ClassVar[str] = "base"
+    fuses_read: ClassVar[bool] = False
+
+    @classmethod
+    def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+        """The raw samples of `split`, at most `cap` of them (see `load_split`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def size(cls, cfg: Config, split: str, cap: int | None) -> int:
+        """How many samples `load` gives. Counting the Dataset is cheap for in-memory sources;
+        file sources override this to count from a listing or metadata instead."""
+        return cls.load(cfg, split, cap).count()
+
+    @classmethod
+    def classes(cls, cfg: Config) -> list[str]:
+        """Class names in label order."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Config checks this source needs, at validation time (before any data is touched);
+        raise ConfigError naming the field."""
+
+
+SOURCES: dict[str, type[Source]] = {}
+
+_S = TypeVar("_S", bound=type[Source])
+
+
+def source(name: str) -> Callable[[_S], _S]:
+    """Class decorator: `@source("parquet")` makes `data.source: parquet` select the class."""
+
+    def add(cls: _S) -> _S:
+        cls.name = name
+        SOURCES[name] = cls
+        return cls
+
+    return add
+
+
+def source_for(cfg: Config) -> Source:
+    """The Source that cfg.data.source names; ConfigError naming data.source if there is none."""
+    name = cfg.data.source
+    if name not in SOURCES:
+        raise ConfigError(f"config error: data.source = {name!r}: unknown source; "
+                          f"choose one of {sorted(SOURCES)}")
+    return SOURCES[name]()
+
+
+def check_source(cfg: Config) -> None:
+    """Config validation of the data source (called from `micl.config.validate`, which does not
+    know source names): the source exists and its own checks pass."""
+    source_for(cfg).check(cfg)
+
+
+def _require_path(cfg: Config) -> None:
+    if not cfg.data.path:
+        raise ConfigError(f"config error: data.path = {cfg.data.path!r}: "
+                          f"required for data.source = {cfg.data.source}")
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -76,47 +156,23 @@ def load_split(cfg: Config, split: str, limit: int | None = None) -> ray.data.Da
     each epoch's batches mix classes; array sources are read in order (Fashion-MNIST is
     already shuffled).
     """
-    loaders: dict[str, Callable[[Config, str], ray.data.Dataset]] = {
-        "fashion_mnist": _load_fashion_mnist,
-        "imagefolder": _load_imagefolder,
-        "parquet": _load_parquet,
-        "synthetic": _load_synthetic,
-    }
-    if cfg.data.source not in loaders:
-        raise ConfigError(f"config error: data.source = {cfg.data.source!r}: unknown source")
-    cap = limit if limit is not None else cfg.data.limit_train if _is_train(cfg, split) else None
-    return loaders[cfg.data.source](cfg, split, cap)
+    return source_for(cfg).load(cfg, split, _cap(cfg, split, limit))
 
 
 def split_size(cfg: Config, split: str, limit: int | None = None) -> int:
     """How many samples `load_split` gives (files, before any is found undecodable), from the
     listing or Parquet metadata: no image is read."""
-    cap = limit if limit is not None else cfg.data.limit_train if _is_train(cfg, split) else None
-    if cfg.data.source == "imagefolder":
-        return len(_imagefolder_files(cfg, split, cap)[3])
-    if cfg.data.source == "parquet":
-        fs, files, _ = _parquet_files(cfg, split)
-        rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
-        return min(rows, cap or rows)
-    return load_split(cfg, split, limit).count()  # in-memory sources: cheap
+    return source_for(cfg).size(cfg, split, _cap(cfg, split, limit))
 
 
 def class_names(cfg: Config) -> list[str]:
     """Class names in label order (cheap: a directory listing or a small JSON file at most)."""
-    d = cfg.data
-    if d.source == "fashion_mnist":
-        return list(FASHION_MNIST_CLASSES)
-    if d.source == "synthetic":
-        return [f"stripes_{_synthetic_angle_deg(c, d.synthetic_classes):g}deg"
-                for c in range(d.synthetic_classes)]
-    if d.source == "imagefolder":
-        return _imagefolder_classes(cfg)
-    fs, root = resolve_path(d.path)
-    info = fs.get_file_info(posixpath.join(root, "classes.json"))
-    if info.type == pafs.FileType.File:
-        with fs.open_input_stream(info.path) as f:
-            return list(json.loads(f.read().decode("utf-8")))
-    raise DataError(f"data error: {d.path}: no classes.json next to the Parquet splits")
+    return source_for(cfg).classes(cfg)
+
+
+def _cap(cfg: Config, split: str, limit: int | None) -> int | None:
+    """`limit`, or by default data.limit_train for the train split and no cap for the others."""
+    return limit if limit is not None else cfg.data.limit_train if _is_train(cfg, split) else None
 
 
 def stable_sample_id(relative_path: str) -> int:
@@ -145,6 +201,31 @@ def is_hidden(relative_path: str) -> bool:
     return any(part.startswith(".") for part in relative_path.split("/"))
 
 
+# ----------------------------------------------------------------------------- ImageFolder trees
+# Shared by the imagefolder source and micl.data.prepare, so that a tree gets the same splits,
+# labels and sample ids whether it is read directly or converted to Parquet shards first.
+
+
+def image_folder_split(fs: pafs.FileSystem, root: str, split: str, train: bool,
+                       split_names: Iterable[str]) -> str | None:
+    """The folder holding `split` of the ImageFolder tree at `root`: `<root>/<split>`, or, for
+    the train split of a flat tree (class folders directly under `root`, none of `split_names`
+    present as folders), `root` itself. None when the split has no folder."""
+    split_root = posixpath.join(root, split)
+    if _is_dir(fs, split_root):
+        return split_root
+    if train and not any(_is_dir(fs, posixpath.join(root, n)) for n in split_names):
+        return root
+    return None
+
+
+def class_folders(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The class folders of a split root, sorted (their index is the label); hidden ones
+    (.ipynb_checkpoints, ...) are not classes."""
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                  if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+
+
 def list_image_folder(fs: pafs.FileSystem, root: str, classes: list[str] | None = None
                       ) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes (sorted folder names) and (relative path, label) of every non-hidden file below
@@ -153,8 +234,7 @@ def list_image_folder(fs: pafs.FileSystem, root: str, classes: list[str] | None 
     With `classes` given (the train split's), folders must be among them: a val split missing a
     class keeps the train split's labels.
     """
-    found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
-                   if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    found = class_folders(fs, root)
     if classes is None:
         classes = found
     else:
@@ -221,17 +301,6 @@ def read_fashion_mnist(directory: str | None, split: str) -> tuple[np.ndarray, n
     return images, labels
 
 
-def _load_fashion_mnist(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
-    key = "train" if _is_train(cfg, split) else "test" if _is_eval(cfg, split) else None
-    if key is None:
-        raise DataError(f"data error: Fashion-MNIST has no split {split!r} "
-                        "(use train, or val/test for the t10k files)")
-    images, labels = read_fashion_mnist(cfg.data.path, key)
-    if cap:  # the files are already in random order
-        images, labels = images[:cap], labels[:cap]
-    return from_arrays(images, labels, cfg.data.map_batch_size)
-
-
 def from_arrays(images: np.ndarray, labels: np.ndarray, map_batch_size: int = 64
                 ) -> ray.data.Dataset:
     """In-memory uint8 images [N, H, W(, C)] and labels [N] -> a Dataset with sample_id = index,
@@ -251,77 +320,111 @@ def from_arrays(images: np.ndarray, labels: np.ndarray, map_batch_size: int = 64
     return ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)])
 
 
+@source("fashion_mnist")
+class FashionMNIST(Source):
+    """Fashion-MNIST's IDX files under data.path (default: Debian's dataset-fashion-mnist),
+    held in memory: train is the 60k file, val/test the 10k t10k file."""
+
+    fuses_read = False
+
+    @classmethod
+    def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+        key = "train" if _is_train(cfg, split) else "test" if _is_eval(cfg, split) else None
+        if key is None:
+            raise DataError(f"data error: Fashion-MNIST has no split {split!r} "
+                            "(use train, or val/test for the t10k files)")
+        images, labels = read_fashion_mnist(cfg.data.path, key)
+        if cap:  # the files are already in random order
+            images, labels = images[:cap], labels[:cap]
+        return from_arrays(images, labels, cfg.data.map_batch_size)
+
+    @classmethod
+    def classes(cls, cfg: Config) -> list[str]:
+        return list(FASHION_MNIST_CLASSES)
+
+
 # ----------------------------------------------------------------------------- ImageFolder
 
 
-def _imagefolder_split_root(cfg: Config, split: str) -> tuple[pafs.FileSystem, str]:
-    """`<path>/<split>`, or `<path>` itself for the train split of a flat `<path>/<class>/` tree."""
-    fs, root = resolve_path(cfg.data.path)
-    base = fs.get_file_info(root)
-    if base.type == pafs.FileType.NotFound:
-        raise DataError(f"data error: {cfg.data.path}: no such directory")
-    if base.type != pafs.FileType.Directory:
-        raise DataError(f"data error: {cfg.data.path}: not a directory")
-    split_root = posixpath.join(root, split)
-    if fs.get_file_info(split_root).type == pafs.FileType.Directory:
+@source("imagefolder")
+class ImageFolder(Source):
+    """`<path>/<split>/<class>/<image>` (or a flat `<path>/<class>/<image>` as the train split),
+    local or on an object store; labels are the train split's sorted class folders."""
+
+    fuses_read = True  # read blocks of map_batch_size files (_file_blocks)
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        _require_path(cfg)
+
+    @classmethod
+    def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+        fs, root, classes, files = cls._files(cfg, split, cap)
+        train = _is_train(cfg, split)
+        paths = [posixpath.join(root, rel) for rel, _ in files]
+        index = {c: i for i, c in enumerate(classes)}
+        ds = ray.data.read_binary_files(
+            paths, include_paths=True, filesystem=fs,
+            override_num_blocks=_file_blocks(len(paths), cfg.data.map_batch_size),
+            shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None,
+        )
+        return ds.map_batches(_FolderLabeler(root, index), batch_format="pyarrow",
+                              batch_size=None)
+
+    @classmethod
+    def size(cls, cfg: Config, split: str, cap: int | None) -> int:
+        return len(cls._files(cfg, split, cap)[3])
+
+    @classmethod
+    def classes(cls, cfg: Config) -> list[str]:
+        """The train split's sorted class folders: the label space of every split."""
+        fs, root = cls._split_root(cfg, cfg.data.train_split)
+        classes = class_folders(fs, root)
+        if not classes:
+            raise DataError(f"data error: {_uri_of(cfg, root)}: no class folders")
+        return classes
+
+    @classmethod
+    def _split_root(cls, cfg: Config, split: str) -> tuple[pafs.FileSystem, str]:
+        """The split's folder (see `image_folder_split`), after checking data.path exists."""
+        fs, root = resolve_path(cfg.data.path)
+        base = fs.get_file_info(root)
+        if base.type == pafs.FileType.NotFound:
+            raise DataError(f"data error: {cfg.data.path}: no such directory")
+        if base.type != pafs.FileType.Directory:
+            raise DataError(f"data error: {cfg.data.path}: not a directory")
+        split_root = image_folder_split(fs, root, split, _is_train(cfg, split),
+                                        (cfg.data.train_split, cfg.data.val_split))
+        if split_root is None:
+            raise DataError(f"data error: {_join_uri(cfg.data.path, split)}: "
+                            "no such split directory")
         return fs, split_root
-    if _is_train(cfg, split) and not _has_split_dirs(fs, root, cfg):
-        return fs, root
-    raise DataError(f"data error: {_join_uri(cfg.data.path, split)}: no such split directory")
 
-
-def _has_split_dirs(fs: pafs.FileSystem, root: str, cfg: Config) -> bool:
-    names = {cfg.data.train_split, cfg.data.val_split}
-    return any(fs.get_file_info(posixpath.join(root, n)).type == pafs.FileType.Directory
-               for n in names)
-
-
-def _imagefolder_classes(cfg: Config) -> list[str]:
-    """The train split's sorted class folders: the label space of every split."""
-    fs, root = _imagefolder_split_root(cfg, cfg.data.train_split)
-    classes = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
-                     if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
-    if not classes:
-        raise DataError(f"data error: {_uri_of(cfg, root)}: no class folders")
-    return classes
-
-
-def _imagefolder_files(cfg: Config, split: str, cap: int | None
-                       ) -> tuple[pafs.FileSystem, str, list[str], list[tuple[str, int]]]:
-    """(filesystem, split root, classes, [(relative path, label)]) after the cap."""
-    fs, root = _imagefolder_split_root(cfg, split)
-    if _is_train(cfg, split):
-        classes = None
-    else:
-        try:
-            classes = _imagefolder_classes(cfg)
-        except DataError:  # no train split at all: the val split stands on its own
+    @classmethod
+    def _files(cls, cfg: Config, split: str, cap: int | None
+               ) -> tuple[pafs.FileSystem, str, list[str], list[tuple[str, int]]]:
+        """(filesystem, split root, classes, [(relative path, label)]) after the cap."""
+        fs, root = cls._split_root(cfg, split)
+        if _is_train(cfg, split):
             classes = None
-    classes, files = list_image_folder(fs, root, classes)
-    where = _uri_of(cfg, root)
-    if not classes:
-        raise DataError(f"data error: {where}: no class folders (expected {where}/<class>/<image>)")
-    if not files:
-        raise DataError(f"data error: {where}: no files in its {len(classes)} class folders")
-    if cap and cap < len(files):
-        # A fixed random subset, not the first classes of the sorted listing.
-        order = np.random.default_rng(_SUBSET_SEED).permutation(len(files))
-        keep = order[:cap]
-        files = [files[i] for i in sorted(keep)]
-    return fs, root, classes, files
-
-
-def _load_imagefolder(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
-    fs, root, classes, files = _imagefolder_files(cfg, split, cap)
-    train = _is_train(cfg, split)
-    paths = [posixpath.join(root, rel) for rel, _ in files]
-    index = {c: i for i, c in enumerate(classes)}
-    ds = ray.data.read_binary_files(
-        paths, include_paths=True, filesystem=fs,
-        override_num_blocks=_file_blocks(len(paths), cfg.data.map_batch_size),
-        shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None,
-    )
-    return ds.map_batches(_FolderLabeler(root, index), batch_format="pyarrow", batch_size=None)
+        else:
+            try:
+                classes = cls.classes(cfg)
+            except DataError:  # no train split at all: the val split stands on its own
+                classes = None
+        classes, files = list_image_folder(fs, root, classes)
+        where = _uri_of(cfg, root)
+        if not classes:
+            raise DataError(f"data error: {where}: no class folders "
+                            f"(expected {where}/<class>/<image>)")
+        if not files:
+            raise DataError(f"data error: {where}: no files in its {len(classes)} class folders")
+        if cap and cap < len(files):
+            # A fixed random subset, not the first classes of the sorted listing.
+            order = np.random.default_rng(_SUBSET_SEED).permutation(len(files))
+            keep = order[:cap]
+            files = [files[i] for i in sorted(keep)]
+        return fs, root, classes, files
 
 
 class _FolderLabeler:
@@ -347,6 +450,49 @@ class _FolderLabeler:
 PARQUET_COLUMNS = ("image", "label", "sample_id")
 
 
+@source("parquet")
+class Parquet(Source):
+    """`<path>/<split>/*.parquet` shards written by pipelines/prepare_data.py, with the class
+    names in `<path>/classes.json`; local or on an object store."""
+
+    fuses_read = True  # one read block per shard
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        _require_path(cfg)
+
+    @classmethod
+    def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+        fs, files, columns = _parquet_files(cfg, split)
+        train = _is_train(cfg, split)
+        if cap:  # prepare_data.py shuffles rows across shards, so the first rows are a fair sample
+            ds = _first_parquet_rows(fs, files, columns, cap)
+        else:
+            # One read task per shard: the training stream maps whole blocks, so Ray fuses the
+            # read into the map task (no SplitBlocks operator, no object-store hop in between).
+            ds = _read_parquet(files, fs, columns, override_num_blocks=len(files),
+                               shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None)
+        if "path" not in columns:
+            ds = ds.map_batches(_add_empty_path, batch_format="pyarrow", batch_size=None)
+        return ds
+
+    @classmethod
+    def size(cls, cfg: Config, split: str, cap: int | None) -> int:
+        """From the shards' footers: no row is read."""
+        fs, files, _ = _parquet_files(cfg, split)
+        rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
+        return min(rows, cap or rows)
+
+    @classmethod
+    def classes(cls, cfg: Config) -> list[str]:
+        fs, root = resolve_path(cfg.data.path)
+        info = fs.get_file_info(posixpath.join(root, "classes.json"))
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                return list(json.loads(f.read().decode("utf-8")))
+        raise DataError(f"data error: {cfg.data.path}: no classes.json next to the Parquet splits")
+
+
 def _parquet_files(cfg: Config, split: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
     """(filesystem, shard paths, columns to read) of a split, checked."""
     fs, root = resolve_path(cfg.data.path)
@@ -368,21 +514,6 @@ def _parquet_files(cfg: Config, split: str) -> tuple[pafs.FileSystem, list[str],
                         "(write shards with pipelines/prepare_data.py)")
     columns = [*PARQUET_COLUMNS, *(["path"] if "path" in schema.names else [])]
     return fs, files, columns
-
-
-def _load_parquet(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
-    fs, files, columns = _parquet_files(cfg, split)
-    train = _is_train(cfg, split)
-    if cap:  # prepare_data.py shuffles rows across shards, so the first rows are a fair sample
-        ds = _first_parquet_rows(fs, files, columns, cap)
-    else:
-        # One read task per shard: the training stream maps whole blocks, so Ray fuses the
-        # read into the map task (no SplitBlocks operator, no object-store hop in between).
-        ds = _read_parquet(files, fs, columns, override_num_blocks=len(files),
-                           shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None)
-    if "path" not in columns:
-        ds = ds.map_batches(_add_empty_path, batch_format="pyarrow", batch_size=None)
-    return ds
 
 
 def _first_parquet_rows(fs: pafs.FileSystem, files: list[str], columns: list[str], n: int
@@ -462,31 +593,44 @@ def _class_tint(c: int, n_classes: int, channels: int) -> np.ndarray:
     return (0.75 + 0.25 * np.cos(hue)).astype(np.float32)  # [3]
 
 
-def _load_synthetic(cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
-    d = cfg.data
-    if _is_train(cfg, split):
-        n, offset = d.synthetic_size, 0
-    elif _is_eval(cfg, split):
-        n, offset = max(d.synthetic_size // 4, d.synthetic_classes), SYNTHETIC_VAL_OFFSET
-    else:
-        raise DataError(f"data error: the synthetic source has no split {split!r}")
-    n = min(n, cap or n)
-    if n <= 0 or d.synthetic_classes <= 0:
-        raise DataError(f"data error: synthetic source with {n} samples of "
-                        f"{d.synthetic_classes} classes")
-    size, chans, classes = cfg.model.img_size, cfg.model.in_chans, d.synthetic_classes
-    if chans not in (1, 3):
-        raise DataError(f"data error: synthetic images have 1 or 3 channels, not {chans}")
+@source("synthetic")
+class Synthetic(Source):
+    """Generated striped images (`synthetic_images`), for tests and smoke runs without data:
+    data.synthetic_size train samples, a quarter as many val samples, model.img_size pixels."""
 
-    def generate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = batch["id"].astype(np.int64) + offset
-        images, labels = synthetic_images(ids, size, chans, classes)
-        return {"image": images, "label": labels, "sample_id": ids,
-                "path": np.full(len(ids), "", dtype=object)}
+    fuses_read = False
 
-    blocks = math.ceil(n / _array_rows_per_block(n, d.map_batch_size))
-    return ray.data.range(n, override_num_blocks=blocks).map_batches(
-        generate, batch_format="numpy", batch_size=None)
+    @classmethod
+    def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+        d = cfg.data
+        if _is_train(cfg, split):
+            n, offset = d.synthetic_size, 0
+        elif _is_eval(cfg, split):
+            n, offset = max(d.synthetic_size // 4, d.synthetic_classes), SYNTHETIC_VAL_OFFSET
+        else:
+            raise DataError(f"data error: the synthetic source has no split {split!r}")
+        n = min(n, cap or n)
+        if n <= 0 or d.synthetic_classes <= 0:
+            raise DataError(f"data error: synthetic source with {n} samples of "
+                            f"{d.synthetic_classes} classes")
+        size, chans, classes = cfg.model.img_size, cfg.model.in_chans, d.synthetic_classes
+        if chans not in (1, 3):
+            raise DataError(f"data error: synthetic images have 1 or 3 channels, not {chans}")
+
+        def generate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            ids = batch["id"].astype(np.int64) + offset
+            images, labels = synthetic_images(ids, size, chans, classes)
+            return {"image": images, "label": labels, "sample_id": ids,
+                    "path": np.full(len(ids), "", dtype=object)}
+
+        blocks = math.ceil(n / _array_rows_per_block(n, d.map_batch_size))
+        return ray.data.range(n, override_num_blocks=blocks).map_batches(
+            generate, batch_format="numpy", batch_size=None)
+
+    @classmethod
+    def classes(cls, cfg: Config) -> list[str]:
+        n = cfg.data.synthetic_classes
+        return [f"stripes_{_synthetic_angle_deg(c, n):g}deg" for c in range(n)]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -498,6 +642,10 @@ def _is_train(cfg: Config, split: str) -> bool:
 
 def _is_eval(cfg: Config, split: str) -> bool:
     return split == cfg.data.val_split or split in _EVAL_SPLIT_ALIASES
+
+
+def _is_dir(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def _relative(path: str, root: str) -> str:

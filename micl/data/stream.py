@@ -28,6 +28,8 @@ data.max_bad_fraction is the training loop's job.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ from PIL import Image
 from micl.config import Config
 from micl.data.augment import strong_augment
 from micl.data.masking import sample_rng
-from micl.data.sources import DataError
+from micl.data.sources import DataError, source_for
 from micl.data.transforms import (
     center_box,
     crop_resize_fast,
@@ -129,23 +131,50 @@ def _call_clock(name: str, method: str, *args: Any) -> Any:
 
 # ----------------------------------------------------------------------------- streams
 
+# A view's augmentation after the crop and flip: "weak" adds nothing, "strong" is MACRL's
+# photometric recipe. A method that needs a new kind of view adds one entry here.
+AUGMENTATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image] | None] = {
+    "weak": None,
+    "strong": strong_augment,
+}
 
-def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str) -> ray.data.Dataset:
+MaskSampler = Callable[[np.random.Generator], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a method needs from the stream (its `stream_spec`): the image columns with their
+    augmentation, and the per-sample mask samplers (`micl.data.masking`), drawn in this order."""
+
+    views: dict[str, str] = field(default_factory=lambda: {"image": "weak"})
+    masks: Sequence[MaskSampler] = ()
+
+    def draw_masks(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for sampler in self.masks:
+            out.update(sampler(rng))
+        return out
+
+
+def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: StreamSpec
+                 ) -> ray.data.Dataset:
     """Pre-training batches from `load_split` rows.
 
     Columns: image uint8 [B, C, H, W] (C = model.in_chans, H = W = model.img_size), one more
-    such column per extra view of the method (`Objective.image_views`; macrl: image_strong),
-    label int64 [B], sample_id int64 [B], one int64 [B, k] array per mask of the method (micl:
-    view1, view2), skipped int64 [B] (see the module docstring). `epoch`: an int, or an
-    EpochClock name. Per sample, the views are drawn in column order, then the masks.
+    such column per extra view in `spec.views` (macrl: image_strong), label int64 [B],
+    sample_id int64 [B], one int64 [B, k] array per mask of the spec (micl: view1, view2),
+    skipped int64 [B] (see the module docstring). `epoch`: an int, or an EpochClock name. Per
+    sample, the views are drawn in column order, then the masks.
     """
     _check_shape_config(cfg)
-    mapper = _TrainMapper(cfg, epoch)
-    # An ImageFolder's read blocks hold map_batch_size files (sources._file_blocks), a Parquet
-    # read block one shard: mapping whole blocks lets Ray fuse the read into this task (a fixed
-    # batch_size keeps Read a separate operator, with its own tasks and an object-store hop).
-    whole_blocks = cfg.data.source in ("imagefolder", "parquet")
-    batch_size = None if whole_blocks else cfg.data.map_batch_size
+    unknown = sorted(set(spec.views.values()) - set(AUGMENTATIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown}; known: {sorted(AUGMENTATIONS)}")
+    mapper = _TrainMapper(cfg, epoch, spec)
+    # An ImageFolder's read blocks hold map_batch_size files, a Parquet read block one shard:
+    # mapping whole blocks lets Ray fuse the read into this task (a fixed batch_size keeps
+    # Read a separate operator, with its own tasks and an object-store hop).
+    batch_size = None if source_for(cfg).fuses_read else cfg.data.map_batch_size
     return ds.map_batches(mapper, batch_size=batch_size, batch_format="numpy",
                           num_cpus=cfg.data.data_cpus)
 
@@ -170,19 +199,15 @@ def _check_shape_config(cfg: Config) -> None:
 class _TrainMapper:
     """The per-batch function of `train_stream` (an instance: runs as plain Ray tasks)."""
 
-    def __init__(self, cfg: Config, epoch: int | str) -> None:
-        from micl.objectives import OBJECTIVES  # registry import also registers the methods
-
+    def __init__(self, cfg: Config, epoch: int | str, spec: StreamSpec) -> None:
         if isinstance(epoch, np.integer):
             epoch = int(epoch)
         if isinstance(epoch, bool) or not isinstance(epoch, int | str):
             raise TypeError(f"epoch must be an int or an EpochClock name, not {epoch!r}")
-        if cfg.method.name not in OBJECTIVES:
-            raise DataError(f"data error: method.name = {cfg.method.name!r} is not registered")
         self.cfg = cfg
         self.epoch = epoch
-        self.objective = OBJECTIVES[cfg.method.name]
-        self.views = self.objective.image_views(cfg)  # column -> "weak" | "strong"
+        self.spec = spec
+        self.views = spec.views  # column -> "weak" | "strong"
         self.seed = cfg.run.seed
         self.size = cfg.model.img_size
         self.channels = cfg.model.in_chans
@@ -194,8 +219,8 @@ class _TrainMapper:
         # crop_scale_min) still covers at least img_size pixels on a side.
         self.draft = math.ceil(self.size / math.sqrt(cfg.data.crop_scale_min))
         # Empty mask arrays of the right width, for batches that keep no row.
-        self.empty_masks = {k: v[:0] for k, v in
-                            self.objective.draw_masks(cfg, 1, np.random.default_rng(0)).items()}
+        self.empty_masks = {k: np.empty((0, len(v)), np.int64) for k, v in
+                            spec.draw_masks(np.random.default_rng(0)).items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         epoch = self.epoch if isinstance(self.epoch, int) else _clock_epoch(self.epoch)
@@ -215,8 +240,8 @@ class _TrainMapper:
                 outs[col][kept] = self._view(img, augmentation, rng)
             keep[i] = True
             kept += 1
-            for k, v in self.objective.draw_masks(self.cfg, 1, rng).items():
-                masks[k].append(v[0])
+            for k, v in self.spec.draw_masks(rng).items():
+                masks[k].append(v)
         bad = n - kept
         if kept == 0 and n >= ALL_BAD_RAISE_ROWS and self.raise_if_all_bad:
             raise DataError(f"data error: all {n} rows of a map batch are undecodable "
@@ -249,10 +274,9 @@ class _TrainMapper:
         a = crop_resize_fast(img, box, self.size)  # [H, W(, C)]
         if self.hflip and rng.random() < 0.5:
             a = a[:, ::-1]
-        if augmentation == "strong":
-            a = np.asarray(strong_augment(Image.fromarray(np.ascontiguousarray(a)), rng))
-        elif augmentation != "weak":
-            raise ValueError(f"unknown augmentation {augmentation!r} (weak or strong)")
+        augment = AUGMENTATIONS[augmentation]
+        if augment is not None:
+            a = np.asarray(augment(Image.fromarray(np.ascontiguousarray(a)), rng))
         return a.transpose(2, 0, 1) if a.ndim == 3 else a  # [C, H, W]
 
 

@@ -11,8 +11,8 @@ models compute the same cls features (tests/test_export.py).
 
 Every method keeps its encoder as `objective.encoder` (a MaskedViT), so this covers them all
 (MiCL, MAE, MACRL, and the MimCo student); decoders, projectors, predictors and a MimCo
-teacher are training machinery and are not exported. `micl.models.pretrained` loads these
-files back (`encoder_from_timm`, `load_encoder`).
+teacher are training machinery and are not exported. `encoder_from_timm` below and
+`micl.artifacts.load_encoder` read these files back.
 """
 
 from __future__ import annotations
@@ -42,6 +42,25 @@ def timm_state_dict(encoder: MaskedViT) -> dict[str, torch.Tensor]:
     pos = state["pos_embed"]  # [1, L, D]
     state["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)  # [1, 1 + L, D]
     return state
+
+
+def encoder_from_timm(state: dict[str, torch.Tensor], model: ModelConfig) -> MaskedViT:
+    """Inverse of timm_state_dict: drop the zero cls row of the position embedding."""
+    state = dict(state)
+    state["pos_embed"] = state["pos_embed"][:, 1:]  # [1, 1 + L, D] -> [1, L, D]
+    encoder = MaskedViT.from_config(model)
+    encoder.load_state_dict(state, strict=True)
+    return encoder.eval()
+
+
+def model_from_timm_json(meta: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from the `timm_model.json` the training loop writes."""
+    names = {v: k for k, v in reversed(list(TIMM_NAMES.items()))}  # first of ours wins
+    return ModelConfig(name=names.get(meta.get("model_name"), "vit_tiny"),
+                       img_size=int(meta["img_size"]), patch_size=int(meta["patch_size"]),
+                       in_chans=int(meta["in_chans"]), embed_dim=int(meta["embed_dim"]),
+                       depth=int(meta["depth"]), num_heads=int(meta["num_heads"]),
+                       mlp_ratio=float(meta.get("mlp_ratio", 4.0)))
 
 
 def load_timm_encoder(m: ModelConfig, state: dict[str, torch.Tensor]):

@@ -1,35 +1,84 @@
-"""Load a pre-trained encoder of this pipeline (a MimCo teacher, an encoder to evaluate).
+"""Where a run's files live and what is in them: the training state of a checkpoint, and the
+encoder exported for timm (written at the end of a run, read by evaluation, fine-tuning and a
+MimCo teacher).
 
     enc = load_encoder(run_id="3f2c...", tracking_uri="sqlite:////abs/mlflow.db")
     enc = load_encoder(checkpoint="runs/micl-20250101-120000/checkpoint_000003")
 
-Sources, with where the architecture comes from:
+Encoder sources, with where the architecture comes from:
 
-- an MLflow run id: its `encoder/encoder_timm.pth` + `encoder/timm_model.json` artifacts (what
-  the training loop logs at the end) and its params (the flattened run config);
-- a Ray Train checkpoint directory, or the `state.pt` in it (micl.train): the `encoder.*`
-  weights of the objective and the config stored with them;
+- an MLflow run id: its `encoder/encoder_timm.pth` + `encoder/timm_model.json` artifacts and
+  its params (the flattened run config);
+- a Ray Train checkpoint directory, or the `state.pt` in it: the `encoder.*` weights of the
+  objective and the config stored with them;
 - an exported `encoder_timm.pth` (or a directory holding it) with `timm_model.json` beside it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+import ray.train
 import torch
-import yaml
+from mlflow.exceptions import MlflowException
 
-from micl.config import Config, ConfigError, ModelConfig, from_dict, nest
-from micl.models.export import TIMM_NAMES, timm_kwargs, timm_state_dict
+from micl.config import Config, ConfigError, ModelConfig, config_from_params, from_dict
+from micl.models.export import (
+    TIMM_NAMES,
+    encoder_from_timm,
+    model_from_timm_json,
+    timm_kwargs,
+    timm_state_dict,
+)
 from micl.models.vit import MaskedViT
+from micl.tracking import mlflow_client
+from micl.tracking import tracking_uri as default_tracking_uri
 
-STATE_FILE = "state.pt"  # micl.train.STATE_FILE (not imported: micl.train imports evaluation)
+STATE_FILE = "state.pt"
 TIMM_WEIGHTS, TIMM_JSON = "encoder_timm.pth", "timm_model.json"
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a training state (model and optimizer state dicts, counters, config) to a
+    temporary name, then rename: a crash mid-write never leaves a truncated state.pt (Ray
+    Train registers the directory only after this returns)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def latest_checkpoint_on_storage(run_dir: str) -> ray.train.Checkpoint | None:
+    """The newest `checkpoint_*` directory of a run that holds a complete state file (written
+    by save_state's rename, so never a partial one); local paths or any pyarrow URI."""
+    fs, root = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir \
+        else (pafs.LocalFileSystem(), str(Path(run_dir).resolve()))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
+    for d in dirs:
+        if fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File:
+            return ray.train.Checkpoint(d, filesystem=fs)
+    return None
+
+
+# ----------------------------------------------------------------------------- encoders
 
 
 @dataclass
@@ -63,66 +112,9 @@ def export_encoder(encoder: MaskedViT, model: ModelConfig, directory: str | Path
     return directory / TIMM_WEIGHTS
 
 
-# ----------------------------------------------------------------------------- conversions
-
-
-def encoder_from_timm(state: dict[str, torch.Tensor], model: ModelConfig) -> MaskedViT:
-    """Inverse of export.timm_state_dict: drop the zero cls row of the position embedding."""
-    state = dict(state)
-    state["pos_embed"] = state["pos_embed"][:, 1:]  # [1, 1 + L, D] -> [1, L, D]
-    encoder = MaskedViT.from_config(model)
-    encoder.load_state_dict(state, strict=True)
-    return encoder.eval()
-
-
-def model_from_timm_json(meta: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from the `timm_model.json` the training loop writes."""
-    names = {v: k for k, v in reversed(list(TIMM_NAMES.items()))}  # first of ours wins
-    return ModelConfig(name=names.get(meta.get("model_name"), "vit_tiny"),
-                       img_size=int(meta["img_size"]), patch_size=int(meta["patch_size"]),
-                       in_chans=int(meta["in_chans"]), embed_dim=int(meta["embed_dim"]),
-                       depth=int(meta["depth"]), num_heads=int(meta["num_heads"]),
-                       mlp_ratio=float(meta.get("mlp_ratio", 4.0)))
-
-
-def config_from_params(params: dict[str, str]) -> Config:
-    """A Config from MLflow params (the flattened config as strings). Each value is parsed by
-    its field's type; params of fields this version does not know are ignored."""
-    defaults = Config()
-    types = {f"{s.name}.{f.name}": str(f.type)  # e.g. "int | None" (annotations are strings)
-             for s in dataclasses.fields(defaults)
-             for f in dataclasses.fields(getattr(defaults, s.name))}
-    values: dict[str, Any] = {}
-    for key, raw in params.items():
-        if key in types:
-            values[key] = _parse_param(raw, types[key])
-    return from_dict(nest(values))
-
-
-def _parse_param(raw: str, type_name: str) -> Any:
-    if raw == "None" and "None" in type_name:
-        return None
-    if type_name.startswith("str"):
-        return raw
-    if type_name == "bool":
-        return raw == "True"
-    try:
-        return yaml.safe_load(raw)  # numbers, lists
-    except yaml.YAMLError:
-        return raw
-
-
-# ----------------------------------------------------------------------------- sources
-
-
 def _from_run(run_id: str, tracking_uri: str | None) -> PretrainedEncoder:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from micl.tracking import tracking_uri as default_uri
-
-    uri = tracking_uri or default_uri()
-    client = MlflowClient(tracking_uri=uri)
+    uri = tracking_uri or default_tracking_uri()
+    client = mlflow_client(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:

@@ -1,0 +1,256 @@
+"""Driver side of a run: check the config, build the data streams and the TorchTrainer, own the
+MLflow run, and evaluate finished runs.
+
+    result = run_pretraining(load_config("configs/fashion_mnist_tiny.yaml"))
+
+Everything a worker needs travels in a `LoopSpec`; everything that can be checked is checked
+here, before Ray starts, with errors that name the field.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.nn.functional as F
+from ray.train.torch import TorchTrainer
+
+from micl import objectives
+from micl.artifacts import load_encoder
+from micl.config import Config, ConfigError, with_overrides
+from micl.data.sources import check_source, load_split, split_size
+from micl.data.stream import NAMESPACE, EpochClock, eval_stream, train_stream
+from micl.evaluate import extract_features, knn_top1, linear_probe
+from micl.tracking import RunLogger, open_run
+from micl.tracking import tracking_uri as default_tracking_uri
+from micl.train import LoopSpec, LoopStarts, StepHook, train_loop_per_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+_ACTORS: dict[str, list[Any]] = {}  # run name -> the actors of its current fit (kept alive)
+
+
+class PretrainError(RuntimeError):
+    """Training failed; the message carries the root cause from the workers."""
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    mlflow_run_id: str | None  # None when the tracking store was unavailable
+    tracking_uri: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    storage_path: str
+
+
+def check(cfg: Config, preflight: bool = False) -> Config:
+    """Validate every field: the generic ones, the data source's and the method's (which also
+    records the method's defaults in cfg). `preflight` also checks what the method loads."""
+    cfg.validate()
+    check_source(cfg)
+    return objectives.check(cfg, preflight=preflight)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fix the tracking store and storage path as absolute values: workers and Tune trials
+    run in other directories and processes."""
+    cfg.run.tracking_uri = default_tracking_uri(cfg)
+    cfg.run.storage_path = storage_path(cfg)
+    return cfg
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster this process belongs to (`ray job submit`, RAY_ADDRESS, `ray start`)
+    or start a local one. Workers get the project on their path either way."""
+    if ray.is_initialized():
+        return
+    has_token = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) \
+        or (Path.home() / ".ray" / "auth_token").exists()
+    if not has_token:  # a local cluster of our own: Ray 2.60's token auth only gets in the way
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}}
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def storage_path(cfg: Config) -> str:
+    path = cfg.run.storage_path or "runs"
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_set(cfg: Config) -> tuple[ray.data.Dataset, int]:
+    """The raw training split and its size (files, before undecodable ones)."""
+    num_train = split_size(cfg, cfg.data.train_split)
+    if num_train < cfg.data.batch_size * max(cfg.run.num_workers, 1):
+        raise PretrainError(
+            f"data: {num_train} training images is fewer than one batch per worker "
+            f"(data.batch_size = {cfg.data.batch_size} x run.num_workers = {cfg.run.num_workers})")
+    return load_split(cfg, cfg.data.train_split), num_train
+
+
+def knn_sets(cfg: Config) -> dict[str, ray.data.Dataset]:
+    """The kNN bank (a subset of the train split) and queries (of the val split), decoded
+    once and cached in the object store."""
+    bank_size = cfg.data.knn_bank_size or split_size(cfg, cfg.data.train_split)
+    bank = load_split(cfg, cfg.data.train_split, limit=bank_size)
+    query = load_split(cfg, cfg.data.val_split, limit=cfg.data.knn_query_size)
+    return {"knn_bank": eval_stream(bank, cfg).materialize(),
+            "knn_query": eval_stream(query, cfg).materialize()}
+
+
+def fit_actors(run_name: str) -> tuple[str, str]:
+    """A fresh epoch clock and start counter for one fit, held here until the next fit of the
+    same run (an actor whose handles are all dropped is destroyed)."""
+    suffix = f"{run_name}-{uuid.uuid4().hex[:8]}"
+    clock_name, starts_name = f"micl-clock-{suffix}", f"micl-starts-{suffix}"
+    for old in _ACTORS.pop(run_name, []):
+        ray.kill(old)
+    _ACTORS[run_name] = [
+        EpochClock.options(name=clock_name, namespace=NAMESPACE).remote(),
+        LoopStarts.options(name=starts_name, namespace=NAMESPACE).remote()]
+    return clock_name, starts_name
+
+
+def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
+                  hooks: Sequence[StepHook] = (), callbacks: list | None = None
+                  ) -> TorchTrainer:
+    """A TorchTrainer for a checked and resolved cfg (see `check`, `resolve`)."""
+    train, num_train = train_set(cfg)
+    clock_name, starts_name = fit_actors(run_name)
+    spec = LoopSpec(config=cfg.to_dict(), num_train=num_train,
+                    run_dir=f"{cfg.run.storage_path.rstrip('/')}/{run_name}",
+                    clock_name=clock_name, starts_name=starts_name,
+                    mlflow_run_id=mlflow_run_id, hooks=tuple(hooks))
+    datasets = {"train": train_stream(train, cfg, clock_name, objectives.stream_spec(cfg)),
+                **knn_sets(cfg)}
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+            resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
+            callbacks=callbacks),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost message of a Ray Train failure, for one readable line."""
+    seen = error
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__
+
+
+def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResult:
+    """Fit a TorchTrainer for cfg, resuming when cfg.run.name names an earlier run. `hooks`
+    run after every optimizer step on every worker (they must be importable there)."""
+    cfg = resolve(check(cfg, preflight=True))
+    connect_ray()
+    run_name = cfg.run.name or default_run_name(cfg)
+    mlflow_run_id = open_run(cfg, run_name)
+    logger = RunLogger(cfg.run.tracking_uri, mlflow_run_id) if mlflow_run_id else None
+    try:
+        result = build_trainer(cfg, run_name, mlflow_run_id, hooks).fit()
+    except Exception as e:  # Ray wraps worker errors several levels deep
+        if logger:
+            logger.end("FAILED")
+        if isinstance(e, ConfigError | PretrainError):
+            raise
+        raise PretrainError(f"training failed: {root_cause(e)}") from e
+    if logger:
+        logger.end("FINISHED")
+    return PretrainResult(
+        run_name=run_name, mlflow_run_id=mlflow_run_id, tracking_uri=cfg.run.tracking_uri,
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        storage_path=cfg.run.storage_path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+PROTOCOLS = ("knn", "linear")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # knn_top1 / linear_top1
+    run_id: str | None  # the MLflow run they were logged to (None: not logged)
+    tracking_uri: str | None
+    step: int  # the MLflow step they were logged at: the epoch of the evaluated weights
+    bank_size: int
+    query_size: int
+
+
+def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
+                 protocols: Sequence[str] = PROTOCOLS, overrides: Sequence[str] = (),
+                 tracking_uri: str | None = None, log: bool = True,
+                 linear_epochs: int = 90) -> EvalResult:
+    """Evaluate the encoder of a finished run: kNN top-1 and/or linear-probe top-1.
+
+    The encoder comes from the MLflow run `run_id` (exported weights + params) or from
+    `checkpoint` (a Ray Train checkpoint dir / state.pt, or an exported encoder_timm.pth); its
+    config from the same source, with `overrides` ("section.field=value"; model.* is fixed by
+    the weights) on top. The sets are the training loop's kNN sets, so `knn_top1` here
+    reproduces the run's. The metrics go to the ORIGINAL MLflow run (run_id, or the run a
+    checkpoint records) at step = the epoch of the weights; log=False only returns them.
+    """
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        raise ConfigError(f"config error: protocols = {list(protocols)!r}: choose from "
+                          f"{list(PROTOCOLS)}")
+    if any(o.strip().startswith("model.") for o in overrides):
+        raise ConfigError("config error: model.*: the architecture comes from the weights")
+    loaded = load_encoder(run_id=run_id, checkpoint=checkpoint,
+                          tracking_uri=tracking_uri or default_tracking_uri())
+    cfg = with_overrides(loaded.config or Config(model=loaded.model), list(overrides))
+    cfg.model = loaded.model
+    connect_ray()
+    sets = knn_sets(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = loaded.encoder.to(device)
+
+    def features(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_features(encoder, sets[name].iter_torch_batches(batch_size=512),
+                                cfg.data.mean, cfg.data.std, device, l2=False)
+
+    (bank, bank_labels), (query, query_labels) = features("knn_bank"), features("knn_query")
+    metrics: dict[str, float] = {}
+    if "knn" in protocols:
+        metrics["knn_top1"] = knn_top1(F.normalize(bank, dim=-1), bank_labels,
+                                       F.normalize(query, dim=-1), query_labels)
+    if "linear" in protocols:
+        metrics["linear_top1"] = linear_probe(bank, bank_labels, query, query_labels,
+                                              epochs=linear_epochs, seed=cfg.run.seed)
+    target_run, step = run_id or loaded.run_id, int(loaded.epoch or 0)
+    log_uri = tracking_uri or default_tracking_uri(cfg if run_id is None else None)
+    if log and target_run:
+        logger = RunLogger(log_uri, target_run)
+        logger.metrics(metrics, step=step)
+        if logger.failed:
+            raise RuntimeError(f"could not log to MLflow run {target_run} at {log_uri}")
+    return EvalResult(metrics, target_run if log else None, log_uri if log else None, step,
+                      len(bank_labels), len(query_labels))
