@@ -124,6 +124,10 @@ class RunSettings:
     keep_last: int = 2
     max_failures: int = 0
     torch_threads: int | None = None  # intra-op threads per training worker (None: Ray's choice)
+    # Python modules imported by the driver and by every worker before the config is checked:
+    # a method or data source defined outside micl registers itself there (on the workers'
+    # PYTHONPATH, e.g. shipped with `ray job submit --working-dir`).
+    import_modules: list[str] = field(default_factory=list)
 
 
 @dataclass

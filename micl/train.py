@@ -12,6 +12,7 @@ The pieces that are not about pre-training (`resume`, `save_and_report`, `run_lo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import tempfile
 import time
@@ -103,6 +104,8 @@ class TrainState:
 
 
 def worker_context(cfg: Config) -> Worker:
+    for module in cfg.run.import_modules:  # methods defined outside micl register on import
+        importlib.import_module(module)
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if cfg.run.torch_threads:
@@ -346,7 +349,7 @@ class EpochSums:
 
     def means(self) -> dict[str, float]:
         """Epoch means per applied step: the loss and each of the objective's metrics."""
-        n = max(self.steps, 1)
+        n = self.steps or math.nan  # no applied step (all skipped): NaN, not a fake 0
         return {"loss": self.loss / n, **{k: v / n for k, v in self.metrics.items()}}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -52,3 +53,34 @@ def make_image_folder(root: str | pathlib.Path, n_per_class: int = 4,
         bad = [f"{first}/corrupt.jpg", f"{second}/empty.jpg", f"{last}/notes.txt"]
     return {"root": str(root), "split_root": str(split_root), "classes": names,
             "good": good, "bad": bad}
+
+
+class KillOnce:
+    """A step hook (micl.train.StepHook) that kills its worker process hard at one optimizer
+    step, once per marker directory (the restarted worker finds the marker and lives), the
+    way a preempted node or an OOM kill would. Workers import it from tests/ (on their path)."""
+
+    def __init__(self, rank: int, step: int, marker_dir: str | pathlib.Path) -> None:
+        self.rank, self.step, self.marker_dir = rank, step, str(marker_dir)
+
+    def marker(self) -> pathlib.Path:
+        return pathlib.Path(self.marker_dir) / f"killed-{self.rank}-{self.step}"
+
+    def __call__(self, info) -> None:
+        if (info.rank, info.step) != (self.rank, self.step) or self.marker().exists():
+            return
+        self.marker().parent.mkdir(parents=True, exist_ok=True)
+        self.marker().touch()
+        print(f"[test] killing rank {info.rank} at step {info.step}", flush=True)
+        os._exit(1)
+
+
+class RecordSteps:
+    """A step hook that appends `epoch step` lines per rank to a file (what the loop did)."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self.path = str(path)
+
+    def __call__(self, info) -> None:
+        with open(f"{self.path}.{info.rank}", "a") as f:
+            f.write(f"{info.epoch} {info.step}\n")

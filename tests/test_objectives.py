@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,45 +18,65 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from micl.config import ConfigError, ModelConfig, load_config
+from micl.artifacts import STATE_FILE, export_encoder, load_encoder, save_state
+from micl.config import Config, ConfigError, ModelConfig, load_config
 from micl.data.augment import strong_augment
-from micl.data.masking import sample_mae_mask
-from micl.data.stream import _TrainMapper
-from micl.evaluate import evaluate_run
+from micl.data.masking import ViewPairMasks, sample_mae_mask
+from micl.data.stream import StreamSpec, _TrainMapper
+from micl.driver import check, evaluate_run, run_pretraining
 from micl.models import MaskedViT
 from micl.models.decoder import patchify, reconstruction_loss
-from micl.models.pretrained import export_encoder, load_encoder
-from micl.objectives import OBJECTIVES, build_objective
-from micl.objectives.mimco import patch_info_nce
-from micl.pretrain import run_pretraining
-from micl.train import STATE_FILE, param_groups, save_state
+from micl.objectives import (
+    OBJECTIVES,
+    MethodArgs,
+    Objective,
+    build_objective,
+    method_error,
+    register,
+    stream_spec,
+)
+from micl.objectives.losses import info_nce, patch_info_nce
+from micl.train import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = sorted(OBJECTIVES)  # before this module registers its own method below
 
-TINY = [
-    "model.img_size=16", "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32",
-    "model.depth=2", "model.num_heads=2", "method.mask_ratio=0.5",
-    "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
-    "method.proj_hidden_dim=64", "method.proj_dim=32", "method.strong_mask_ratio=0.75",
-]
-# What each method's MLflow run must record (besides method.name).
+MODEL = ["model.img_size=16", "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32",
+         "model.depth=2", "model.num_heads=2"]
+DECODER = ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
+# Each method's own fields, small (each method rejects the others' fields).
+METHOD_ARGS = {
+    "micl": ["method.mask_ratio=0.5"],
+    "mae": [*DECODER, "method.mask_ratio=0.5"],
+    "macrl": [*DECODER, "method.mask_ratio=0.5", "method.strong_mask_ratio=0.75",
+              "method.proj_hidden_dim=64", "method.proj_dim=32"],
+    "mimco": [*DECODER, "method.mask_ratio=0.5", "method.patch_negatives=batch"],
+}
+# What each method's MLflow run must record (besides method.name), and its per-term losses.
 METHOD_PARAMS = {
-    "micl": {"method.kappa": "0.015625"},
+    "micl": {"method.kappa": "0.015625", "method.temperature": "0.07"},
     "mae": {"method.decoder_dim": "32", "method.norm_pix_loss": "True"},
     "macrl": {"method.strong_mask_ratio": "0.75", "method.lambda_c": "1.0",
-              "method.proj_dim": "32"},
+              "method.proj_dim": "32", "method.temperature": "0.2"},
     "mimco": {"method.patch_loss_weight": "1.0", "method.patch_negatives": "batch"},
 }
+METHOD_METRICS = {"micl": set(), "mae": {"loss_rec"}, "macrl": {"loss_contrastive", "loss_rec"},
+                  "mimco": {"loss_patch", "loss_image"}}
 
 
-def tiny_config(store: Path, *overrides: str):
-    return load_config(overrides=[
-        *TINY, "data.source=synthetic", "data.synthetic_size=96", "data.batch_size=16",
+def method_config(name: str, *overrides: str) -> Config:
+    return load_config(overrides=[*MODEL, f"method.name={name}", *METHOD_ARGS[name],
+                                  *overrides])
+
+
+def tiny_config(store: Path, name: str, *overrides: str) -> Config:
+    return method_config(
+        name, "data.source=synthetic", "data.synthetic_size=96", "data.batch_size=16",
         "data.map_batch_size=16", "data.knn_bank_size=64", "data.knn_query_size=32",
         "data.data_cpus=0.5", "optim.epochs=2", "optim.warmup_epochs=0", "optim.blr=0.02",
         "run.num_workers=1", "run.cpus_per_worker=1", "run.torch_threads=1",
         f"run.storage_path={store / 'runs'}", f"run.tracking_uri=sqlite:///{store / 'mlflow.db'}",
-        *overrides])
+        *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +87,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def micl_run(ray_local, store):
     """(config, result) of a MiCL run of the pipeline: the MimCo teacher, the evaluated run."""
-    cfg = tiny_config(store, "method.name=micl", "run.name=micl-teacher")
+    cfg = tiny_config(store, "micl", "run.name=micl-teacher")
     return cfg, run_pretraining(cfg)
 
 
@@ -74,7 +95,7 @@ def micl_run(ray_local, store):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_every_method_trains_through_the_pipeline(name, store, request):
     if name == "micl":
         cfg, result = request.getfixturevalue("micl_run")
@@ -83,7 +104,7 @@ def test_every_method_trains_through_the_pipeline(name, store, request):
         if name == "mimco":  # "A MimCo run whose teacher is a MiCL run of the pipeline"
             teacher = request.getfixturevalue("micl_run")[1]
             extra = [f"method.teacher_run_id={teacher.mlflow_run_id}"]
-        cfg = tiny_config(store, f"method.name={name}", f"run.name={name}-run", *extra)
+        cfg = tiny_config(store, name, f"run.name={name}-run", *extra)
         result = run_pretraining(cfg)
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
@@ -92,12 +113,16 @@ def test_every_method_trains_through_the_pipeline(name, store, request):
     assert [m.step for m in losses] == [1, 2]
     assert all(math.isfinite(m.value) for m in losses)
     assert losses[1].value < losses[0].value, [m.value for m in losses]
+    for term in METHOD_METRICS[name]:  # the objective's own loss terms, per epoch
+        history = client.get_metric_history(run.info.run_id, term)
+        assert sorted(m.step for m in history) == [1, 2], term
+        assert all(math.isfinite(m.value) for m in history), term
     params = run.data.params
     assert params["method.name"] == name
     for key, value in METHOD_PARAMS[name].items():
         assert params[key] == value, key
     if name == "mimco":
-        assert params["method.teacher_run_id"] == cfg.method.teacher_run_id
+        assert params["method.teacher_run_id"] == cfg.method.args["teacher_run_id"]
     # The exported encoder is the student's, loadable as a timm model; checkpoints hold no
     # frozen teacher.
     assert {a.path for a in client.list_artifacts(run.info.run_id, "encoder")} == {
@@ -106,6 +131,15 @@ def test_every_method_trains_through_the_pipeline(name, store, request):
     assert not any(k.startswith("teacher.") for k in state["model"])
     loaded = load_encoder(run_id=result.mlflow_run_id, tracking_uri=result.tracking_uri)
     assert loaded.model.embed_dim == 32 and loaded.epoch == 2
+
+
+@pytest.mark.e2e
+def test_micl_beats_the_random_encoder(micl_run):
+    """The point of pre-training: the trained encoder's kNN beats the random one's."""
+    _, result = micl_run
+    knn = sorted(MlflowClient(result.tracking_uri).get_metric_history(
+        result.mlflow_run_id, "knn_top1"), key=lambda m: m.step)
+    assert knn[0].step == 0 and knn[-1].value > knn[0].value, [m.value for m in knn]
 
 
 @pytest.mark.e2e
@@ -119,13 +153,13 @@ def test_evaluate_run_logs_knn_and_linear_to_the_run(micl_run):
     assert ev.run_id == result.mlflow_run_id and ev.step == cfg.optim.epochs
     assert 0 <= ev.metrics["linear_top1"] <= 1
     # Same sets and (exported) weights as the training loop's last kNN evaluation.
-    assert abs(ev.metrics["knn_top1"] - trained_knn.value) <= 1 / 24 + 1e-9
+    assert ev.metrics["knn_top1"] == pytest.approx(trained_knn.value, abs=1e-9)
     linear = client.get_metric_history(result.mlflow_run_id, "linear_top1")
     assert [(m.step, m.value) for m in linear] == [(2, ev.metrics["linear_top1"])]
     # The Ray Train checkpoint gives the same encoder; log=False logs nothing.
     from_ckpt = evaluate_run(checkpoint=result.checkpoint_path, protocols=("knn",), log=False)
     assert from_ckpt.run_id is None and set(from_ckpt.metrics) == {"knn_top1"}
-    assert abs(from_ckpt.metrics["knn_top1"] - ev.metrics["knn_top1"]) <= 1 / 24 + 1e-9
+    assert from_ckpt.metrics["knn_top1"] == pytest.approx(ev.metrics["knn_top1"], abs=1e-9)
 
 
 @pytest.mark.e2e
@@ -140,7 +174,8 @@ def test_evaluate_cli_linear_protocol(micl_run):
     printed = float(line.split()[1])
     history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id,
                                                                     "linear_top1")
-    assert any(abs(m.value - printed) < 1e-4 and m.step == 2 for m in history)
+    newest = max(history, key=lambda m: m.timestamp)  # this CLI call's row, not an earlier one
+    assert abs(newest.value - printed) < 1e-4 and newest.step == 2
     assert "knn_top1" not in proc.stdout
 
 
@@ -151,6 +186,83 @@ def test_evaluate_cli_rejects_a_missing_run(tmp_path):
          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "nope" in proc.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- a new method
+
+
+@dataclass
+class ToyArgs(MethodArgs):
+    mask_ratio: float = 0.5
+    logit_scale: float = 10.0  # this method's own field: cosine logits times this
+
+    def check(self, cfg: Config) -> None:
+        if not isinstance(self.logit_scale, int | float) or not self.logit_scale > 0:
+            raise method_error("logit_scale", self.logit_scale, "must be > 0")
+
+
+@register("toy_views")
+class ToyViews(Objective):
+    """A method defined outside micl (one class + its Args): InfoNCE between two disjoint
+    views; `after_step` counts optimizer steps in a buffer (where a momentum teacher would
+    update), so the test can see the hook ran once per step."""
+
+    Args = ToyArgs
+
+    def __init__(self, cfg: Config, args: ToyArgs) -> None:
+        super().__init__(cfg, args)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def stream_spec(cls, cfg: Config, args: ToyArgs) -> StreamSpec:
+        return StreamSpec(masks=(ViewPairMasks(cfg.model.num_patches, args.mask_ratio),))
+
+    def forward(self, batch):
+        z1, z2 = self.encoder.forward_views(batch["image"], [batch["view1"], batch["view2"]])
+        loss = info_nce(z1, z2, 1 / self.args.logit_scale)
+        return loss, {"loss_toy": loss.detach()}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.steps_seen += 1
+
+
+def toy_config(store: Path, *overrides: str) -> Config:
+    METHOD_ARGS["toy_views"] = []
+    return tiny_config(store, "toy_views", "run.import_modules=[test_objectives]", *overrides)
+
+
+@pytest.mark.e2e
+def test_a_method_defined_in_a_test_trains_through_the_pipeline(ray_local, store):
+    with pytest.raises(ConfigError, match="method.logit_scal\b"):
+        check(toy_config(store, "method.logit_scal=5"))
+    with pytest.raises(ConfigError, match="method.logit_scale"):
+        check(toy_config(store, "method.logit_scale=-1"))
+    result = run_pretraining(toy_config(store, "method.logit_scale=5", "run.name=toy",
+                                        "optim.epochs=1"))
+    run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.data.params["method.logit_scale"] == "5.0"
+    assert run.data.params["method.mask_ratio"] == "0.5"  # its own default, recorded
+    assert "loss_toy" in run.data.metrics
+    state = torch.load(Path(result.checkpoint_path) / STATE_FILE, weights_only=False)
+    assert state["step"] > 0 and int(state["model"]["steps_seen"]) == state["step"]
+
+
+def test_each_method_has_its_own_defaults_and_checks(tmp_path):
+    """Each method's Args defaults pass its own check and follow its paper, not MiCL's."""
+    # 8 x 8 patches: MiCL's default r = 0.9 leaves 3 patches per view.
+    m = ModelConfig(img_size=32, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2)
+    export_encoder(MaskedViT.from_config(m), m, tmp_path / "teacher")
+    defaults = {}
+    for name in BUILTIN:
+        extra = [f"method.teacher_checkpoint={tmp_path / 'teacher'}"] if name == "mimco" else []
+        cfg = check(load_config(overrides=[*MODEL, "model.img_size=32", f"method.name={name}",
+                                           *extra]), preflight=True)
+        defaults[name] = cfg.method.args
+    assert defaults["micl"]["mask_ratio"] == 0.9
+    for name in ("mae", "macrl", "mimco"):  # MAE's convention
+        assert defaults[name]["mask_ratio"] == 0.75, name
+    assert defaults["macrl"]["strong_mask_ratio"] > defaults["macrl"]["mask_ratio"]
+    assert defaults["macrl"]["temperature"] == 0.2 != defaults["micl"]["temperature"]
 
 
 # ----------------------------------------------------------------------------- MAE
@@ -185,7 +297,7 @@ def test_mae_loss_counts_only_masked_patches(norm_pix):
     assert reconstruction_loss(pred, repaint(visible), masked, 4, norm_pix) == loss
     assert reconstruction_loss(pred, repaint(masked[:, :1]), masked, 4, norm_pix) != loss
     # MAE's objective predicts exactly the masked patches.
-    cfg = load_config(overrides=[*TINY, "method.name=mae", "method.mask_ratio=0.75"])
+    cfg = method_config("mae", "method.mask_ratio=0.75")
     mae = build_objective(cfg)
     assert mae.decoder(mae.encoder.forward_features(images, visible), visible, masked).shape \
         == pred.shape
@@ -202,8 +314,8 @@ def _raw_batch(n: int = 6, size: int = 20) -> dict[str, np.ndarray]:
 
 
 def test_macrl_stream_gives_two_differently_augmented_and_masked_views():
-    cfg = load_config(overrides=[*TINY, "method.name=macrl"])
-    out = _TrainMapper(cfg, 0)(_raw_batch())
+    cfg = method_config("macrl")
+    out = _TrainMapper(cfg, 0, stream_spec(cfg))(_raw_batch())
     assert out["image"].shape == out["image_strong"].shape == (6, 3, 16, 16)
     assert out["image_strong"].dtype == np.uint8
     for b in range(6):  # their own crop and colour: different pixels for every sample
@@ -215,10 +327,11 @@ def test_macrl_stream_gives_two_differently_augmented_and_masked_views():
                      (out["strong_visible"], out["strong_masked"])):
         assert all(sorted(set(v) | set(h)) == list(range(16)) for v, h in zip(vis, hid,
                                                                                strict=True))
-    again = _TrainMapper(cfg, 0)(_raw_batch())  # drawn from the per-sample generator
+    again = _TrainMapper(cfg, 0, stream_spec(cfg))(_raw_batch())  # per-sample generators
     assert all(np.array_equal(out[k], again[k]) for k in out)
     # Methods with one view keep one image column.
-    micl = _TrainMapper(load_config(overrides=[*TINY]), 0)(_raw_batch())
+    micl_cfg = method_config("micl")
+    micl = _TrainMapper(micl_cfg, 0, stream_spec(micl_cfg))(_raw_batch())
     assert not any(k.startswith("image_") for k in micl)
 
 
@@ -237,11 +350,13 @@ def test_strong_augment_is_reproducible_and_keeps_size_and_mode():
 
 def test_macrl_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="method.strong_mask_ratio"):
-        load_config(overrides=[*TINY, "method.name=macrl", "method.strong_mask_ratio=0.25"])
+        check(method_config("macrl", "method.strong_mask_ratio=0.25"))
+    with pytest.raises(ConfigError, match="method.strong_mask_ratio.*must be >"):
+        check(method_config("macrl", "method.strong_mask_ratio=0.5"))  # equal: no asymmetry
     with pytest.raises(ConfigError, match="method.decoder_dim"):
-        load_config(overrides=[*TINY, "method.name=macrl", "method.decoder_dim=30"])
+        check(method_config("macrl", "method.decoder_dim=30"))
     with pytest.raises(ConfigError, match="method.lambda_r"):
-        load_config(overrides=[*TINY, "method.name=macrl", "method.lambda_r=-1"])
+        check(method_config("macrl", "method.lambda_r=-1"))
 
 
 # ----------------------------------------------------------------------------- MimCo
@@ -249,17 +364,16 @@ def test_macrl_config_errors_name_the_field():
 
 def _teacher_checkpoint(tmp_path: Path) -> Path:
     """A Ray Train checkpoint directory of a (tiny, untrained) MiCL run, as micl.train writes."""
-    cfg = load_config(overrides=[*TINY, "model.embed_dim=48", "model.num_heads=3"])
+    cfg = method_config("micl", "model.embed_dim=48", "model.num_heads=3")
     micl = build_objective(cfg)
-    opt = torch.optim.AdamW(micl.parameters())
-    save_state(tmp_path / STATE_FILE, micl, opt, 3, 30, cfg, {"mlflow_run_id": None})
+    save_state(tmp_path / STATE_FILE, {"model": micl.state_dict(), "epoch": 3, "step": 30,
+                                       "config": cfg.to_dict(), "mlflow_run_id": None})
     return tmp_path
 
 
 def test_mimco_teacher_is_frozen_and_not_checkpointed(tmp_path):
     ckpt = _teacher_checkpoint(tmp_path)
-    cfg = load_config(overrides=[*TINY, "method.name=mimco",
-                                 f"method.teacher_checkpoint={ckpt}"])
+    cfg = method_config("mimco", f"method.teacher_checkpoint={ckpt}")
     obj = build_objective(cfg)
     assert obj.teacher.embed_dim == 48 and obj.encoder.embed_dim == 32  # sizes may differ
     before = {k: v.clone() for k, v in obj.teacher.state_dict().items()}
@@ -269,7 +383,9 @@ def test_mimco_teacher_is_frozen_and_not_checkpointed(tmp_path):
     obj.train()
     assert not obj.teacher.training
     rng = np.random.default_rng(0)
-    masks = {k: torch.from_numpy(v) for k, v in obj.draw_masks(cfg, 8, rng).items()}
+    spec = stream_spec(cfg)
+    draws = [spec.draw_masks(rng) for _ in range(8)]
+    masks = {k: torch.from_numpy(np.stack([d[k] for d in draws])) for k in draws[0]}
     batch = {"image": torch.randn(8, 3, 16, 16), **masks}
     student_before = obj.encoder.patch_embed.proj.weight.clone()
     for _ in range(3):
@@ -296,17 +412,17 @@ def test_mimco_teacher_is_frozen_and_not_checkpointed(tmp_path):
 
 def test_mimco_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="method.teacher_run_id"):
-        load_config(overrides=[*TINY, "method.name=mimco"])
+        check(method_config("mimco"))
     with pytest.raises(ConfigError, match="method.teacher_checkpoint"):
-        load_config(overrides=[*TINY, "method.name=mimco",
-                               f"method.teacher_checkpoint={tmp_path / 'missing'}"])
+        check(method_config("mimco", f"method.teacher_checkpoint={tmp_path / 'missing'}"))
     with pytest.raises(ConfigError, match="method.patch_negatives"):
-        load_config(overrides=[*TINY, "method.name=mimco", "method.patch_negatives=all",
-                               f"method.teacher_checkpoint={tmp_path}"])
+        check(method_config("mimco", "method.patch_negatives=all",
+                            f"method.teacher_checkpoint={tmp_path}"))
     m = ModelConfig(img_size=16, patch_size=2, in_chans=3, embed_dim=32, depth=1, num_heads=2)
     export_encoder(MaskedViT.from_config(m), m, tmp_path / "grid8")  # 8x8 grid vs 4x4
-    cfg = load_config(overrides=[*TINY, "method.name=mimco",
-                                 f"method.teacher_checkpoint={tmp_path / 'grid8'}"])
+    cfg = method_config("mimco", f"method.teacher_checkpoint={tmp_path / 'grid8'}")
+    with pytest.raises(ConfigError, match="method.teacher_checkpoint.*grid"):
+        check(cfg, preflight=True)  # the driver: before Ray starts
     with pytest.raises(ConfigError, match="method.teacher_checkpoint.*grid"):
         build_objective(cfg)
 

@@ -11,8 +11,8 @@ encoder (visible patches only). Then:
   last BN without affine, method.proj_dim = 256 out; its BatchNorm is synchronised across
   workers on GPU, per worker on CPU where SyncBatchNorm does not run); a symmetric InfoNCE
   at method.temperature (MoCo v3's 0.2) pairs the two branches of an image against the other
-  images of the batch (method.negatives: local / global, as MiCL). The paper's memory bank is replaced by
-  in-batch negatives (MoCo v3), no momentum encoder;
+  images of the batch (method.negatives: local / global, as MiCL). The paper's memory bank
+  is replaced by in-batch negatives (MoCo v3), no momentum encoder;
 - reconstruction: an MAE-style decoder per branch predicts the branch's own masked patches
   (each branch reconstructs the view it saw; the two crops differ, so there is no common
   target); L1 on per-patch normalised pixels (method.norm_pix_loss), averaged over the two
