@@ -24,6 +24,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from micl.artifacts import load_encoder  # noqa: E402
 from micl.config import Config, ConfigError  # noqa: E402
@@ -210,54 +212,19 @@ def make_run_figures(run_ids: Sequence[str], labels: Sequence[str] | None, track
     Raises ConfigError (one line) for an unknown run or a source other than Fashion-MNIST,
     before any file is written.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-
     if labels and len(labels) != len(run_ids):
         raise ConfigError(f"config error: {len(labels)} labels for {len(run_ids)} runs")
     client = MlflowClient(tracking_uri)
-    runs = []
-    for run_id in run_ids:  # check every run before downloading any encoder
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            raise ConfigError(f"config error: MLflow run {run_id!r} not found in "
-                              f"{tracking_uri}") from None
-        source = run.data.params.get("data.source")
-        if source != "fashion_mnist":
-            raise ConfigError(f"config error: run {run_id}: data.source = {source!r}; figures "
-                              "support only Fashion-MNIST (IDX) sources for now")
-        runs.append(run)
-    loaded = []
-    for i, run in enumerate(runs):
-        run_id = run.info.run_id
-        label = labels[i] if labels else run.info.run_name or run_id[:8]
-        enc = load_encoder(run_id=run_id, tracking_uri=tracking_uri)
-        if enc.config is None:  # params that this version cannot read back into a Config
-            raise ConfigError(f"config error: run {run_id}: its params do not parse as a config "
-                              "(normalisation statistics unknown)")
-        loaded.append((enc, RunFigures(run_id, label)))
-
+    loaded = _load_encoders(_fashion_mnist_runs(client, run_ids, tracking_uri), labels,
+                            tracking_uri)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
     for enc, rf in loaded:
-        cfg, name = enc.config, _file_label(rf.label)
-        images, classes = read_test_images(cfg, max(num_images, num_embed))  # [n, S, S, C]
-        x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), cfg.data.mean,
-                      cfg.data.std)  # [n, C, S, S]
-        attn = cls_attention(enc.encoder, x[:num_images])  # [num_images, L]
-        rf.paths.append(attention_figure(images[:num_images], attn, cfg.model.patch_size,
-                                         out / f"attention_{name}.png"))
-        feats = cls_features(enc.encoder, x[:num_embed])  # [num_embed, D]
-        rf.paths.append(embedding_figure(
-            feats, classes[:num_embed], FASHION_MNIST_CLASSES, out / f"embedding_{name}.png",
-            f"{rf.label}: PCA of cls features ({len(feats)} test images)"))
+        rf.paths += _encoder_figures(enc, rf.label, out, num_images, num_embed)
         history = metric_history(rf.run_id, "knn_top1", tracking_uri)
         if history:
             curves[rf.label] = history
-
     knn_path = None
     if curves:
         knn_path = knn_curves_figure(curves, out / "knn_curves.png", "kNN top-1 (test split)",
@@ -269,3 +236,50 @@ def make_run_figures(run_ids: Sequence[str], labels: Sequence[str] | None, track
             for p in rf.paths:
                 client.log_artifact(rf.run_id, str(p), "figures")
     return [rf for _, rf in loaded], knn_path
+
+
+def _fashion_mnist_runs(client: MlflowClient, run_ids: Sequence[str], tracking_uri: str
+                        ) -> list:
+    """Every run, checked before any encoder is downloaded."""
+    runs = []
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"config error: MLflow run {run_id!r} not found in "
+                              f"{tracking_uri}") from None
+        source = run.data.params.get("data.source")
+        if source != "fashion_mnist":
+            raise ConfigError(f"config error: run {run_id}: data.source = {source!r}; figures "
+                              "support only Fashion-MNIST (IDX) sources for now")
+        runs.append(run)
+    return runs
+
+
+def _load_encoders(runs: list, labels: Sequence[str] | None, tracking_uri: str) -> list:
+    loaded = []
+    for i, run in enumerate(runs):
+        run_id = run.info.run_id
+        label = labels[i] if labels else run.info.run_name or run_id[:8]
+        enc = load_encoder(run_id=run_id, tracking_uri=tracking_uri)
+        if enc.config is None:  # params that this version cannot read back into a Config
+            raise ConfigError(f"config error: run {run_id}: its params do not parse as a config "
+                              "(normalisation statistics unknown)")
+        loaded.append((enc, RunFigures(run_id, label)))
+    return loaded
+
+
+def _encoder_figures(enc, label: str, out: Path, num_images: int, num_embed: int
+                     ) -> list[Path]:
+    """The cls-attention maps and the PCA embedding of one encoder on test images."""
+    cfg, name = enc.config, _file_label(label)
+    images, classes = read_test_images(cfg, max(num_images, num_embed))  # [n, S, S, C]
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), cfg.data.mean,
+                  cfg.data.std)  # [n, C, S, S]
+    attn = cls_attention(enc.encoder, x[:num_images])  # [num_images, L]
+    feats = cls_features(enc.encoder, x[:num_embed])  # [num_embed, D]
+    return [attention_figure(images[:num_images], attn, cfg.model.patch_size,
+                             out / f"attention_{name}.png"),
+            embedding_figure(feats, classes[:num_embed], FASHION_MNIST_CLASSES,
+                             out / f"embedding_{name}.png",
+                             f"{label}: PCA of cls features ({len(feats)} test images)")]

@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from micl.config import Config, ConfigError, load_config, parse_override
+from micl.artifacts import export_encoder
+from micl.config import Config, ConfigError, ModelConfig, load_config, parse_override
 from micl.driver import check
+from micl.models import MaskedViT
 from micl.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +77,15 @@ def test_a_field_of_another_method_is_named_with_the_method():
 
 @pytest.mark.parametrize(("name", "path"), [
     ("micl", "configs/fashion_mnist_tiny.yaml"), ("mae", "configs/fashion_mnist_mae.yaml"),
-    ("macrl", "configs/fashion_mnist_macrl.yaml")])
-def test_shipped_method_configs_check(name, path):
-    cfg = check(load_config(ROOT / path))
+    ("macrl", "configs/fashion_mnist_macrl.yaml"), ("mimco", "configs/fashion_mnist_mimco.yaml")])
+def test_shipped_method_configs_check(name, path, tmp_path):
+    overrides = []
+    if name == "mimco":  # the teacher is named on the command line: a small exported encoder
+        m = ModelConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1,
+                        num_heads=2)
+        weights = export_encoder(MaskedViT.from_config(m), m, tmp_path)
+        overrides = [f"method.teacher_checkpoint={weights}"]
+    cfg = check(load_config(ROOT / path, overrides), preflight=True)
     assert cfg.method.name == name
     assert set(cfg.method.args) == set(OBJECTIVES[name].Args.__dataclass_fields__)
 

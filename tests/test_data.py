@@ -38,6 +38,7 @@ from micl.data.transforms import (
     normalize,
     random_resized_crop_params,
 )
+from micl.objectives import stream_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def folder_cfg(path, img_size: int = 32, in_chans: int = 3, source: str = "image
     cfg = Config()
     cfg.data.source, cfg.data.path = source, str(path)
     cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = img_size, 4, in_chans
-    cfg.method.mask_ratio = 0.75  # 64 patches -> 16 kept -> 8 per view
+    cfg.method.args["mask_ratio"] = 0.75  # 64 patches -> 16 kept -> 8 per view
     return cfg.validate()
 
 
@@ -274,8 +275,8 @@ def test_fashion_mnist_loads(ray_local):
     assert head["image"].shape == (2000, 28, 28) and head["image"].dtype == np.uint8
     assert set(head["label"].tolist()) == set(range(10))
     assert (head["sample_id"] == np.arange(2000)).all()
-    cfg.data.limit_train, cfg.method.mask_ratio = 100, 0.75
-    batch = collect(train_stream(load_split(cfg, "train"), cfg, 0))
+    cfg.data.limit_train, cfg.method.args["mask_ratio"] = 100, 0.75
+    batch = collect(train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg)))
     assert batch["image"].shape == (100, 1, 28, 28) and batch["skipped"].sum() == 0
     assert class_names(cfg)[9] == "Ankle boot"
 
@@ -285,7 +286,7 @@ def test_fashion_mnist_loads(ray_local):
 
 def test_train_stream_shapes_masks_and_skipped(ray_local, folder):
     cfg = folder_cfg(folder["root"])
-    batch = collect(train_stream(load_split(cfg, "train"), cfg, 0))
+    batch = collect(train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg)))
     n, k = folder["good"], patches_per_view(64, 0.75)
     assert batch["image"].shape == (n, 3, 32, 32) and batch["image"].dtype == np.uint8
     for col in ("label", "sample_id", "skipped"):
@@ -298,17 +299,18 @@ def test_train_stream_shapes_masks_and_skipped(ray_local, folder):
         assert len(set(a) | set(b)) == 2 * k and max(a.max(), b.max()) < 64
     # Grayscale model: RGB files are converted to one channel.
     gray = folder_cfg(folder["root"], in_chans=1)
-    assert collect(train_stream(load_split(gray, "train"), gray, 0))["image"].shape[1] == 1
+    gray_batch = collect(train_stream(load_split(gray, "train"), gray, 0, stream_spec(gray)))
+    assert gray_batch["image"].shape[1] == 1
 
 
 def test_train_stream_is_reproducible_per_epoch(ray_local, folder):
     cfg = folder_cfg(folder["root"])
     cfg.data.map_batch_size = 5  # batching must not matter
     ds = load_split(cfg, "train")
-    a = by_id(collect(train_stream(ds, cfg, 3)))
+    a = by_id(collect(train_stream(ds, cfg, 3, stream_spec(cfg))))
     cfg.data.map_batch_size = 64
-    b = by_id(collect(train_stream(load_split(cfg, "train"), cfg, 3)))
-    c = by_id(collect(train_stream(ds, cfg, 4)))
+    b = by_id(collect(train_stream(load_split(cfg, "train"), cfg, 3, stream_spec(cfg))))
+    c = by_id(collect(train_stream(ds, cfg, 4, stream_spec(cfg))))
     for key in ("image", "view1", "view2", "label", "sample_id"):
         assert (a[key] == b[key]).all(), key
     assert (a["sample_id"] == c["sample_id"]).all()
@@ -321,11 +323,12 @@ def test_epoch_clock_drives_the_epoch(ray_local, folder):
     clock = epoch_clock("test-data-clock")
     ray.get(clock.set.remote(7))
     assert ray.get(epoch_clock("test-data-clock").get.remote()) == 7  # get-or-create
-    stream = train_stream(ds, cfg, "test-data-clock")  # one Dataset, re-executed per epoch
+    # One Dataset, re-executed per epoch.
+    stream = train_stream(ds, cfg, "test-data-clock", stream_spec(cfg))
     for epoch in (2, 5):
         ray.get(clock.set.remote(epoch))
         got = by_id(collect(stream))
-        want = by_id(collect(train_stream(ds, cfg, epoch)))
+        want = by_id(collect(train_stream(ds, cfg, epoch, stream_spec(cfg))))
         assert (got["view1"] == want["view1"]).all() and (got["image"] == want["image"]).all()
     ray.kill(clock)
 
@@ -338,12 +341,12 @@ def test_all_bad_batch_raises(ray_local, tmp_path):
     cfg = folder_cfg(tmp_path)
     cfg.data.map_batch_size = 20
     with pytest.raises(Exception, match="undecodable"):
-        train_stream(load_split(cfg, "train"), cfg, 0).take_all()
+        train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg)).take_all()
 
 
 def test_eval_stream(ray_local, folder):
     cfg = folder_cfg(folder["root"], img_size=16)
-    cfg.method.mask_ratio = 0.5
+    cfg.method.args["mask_ratio"] = 0.5
     batch = collect(eval_stream(load_split(cfg, "train"), cfg))
     assert sorted(batch) == ["image", "label", "sample_id"]
     assert batch["image"].shape == (folder["good"], 3, 16, 16)
@@ -355,8 +358,8 @@ def test_synthetic_source_streams(ray_local):
     cfg = Config()
     cfg.data.source, cfg.data.synthetic_size, cfg.data.synthetic_classes = "synthetic", 64, 4
     cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = 16, 4, 3
-    cfg.method.mask_ratio = 0.5
-    train = collect(train_stream(load_split(cfg, "train"), cfg, 0))
+    cfg.method.args["mask_ratio"] = 0.5
+    train = collect(train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg)))
     assert train["image"].shape == (64, 3, 16, 16) and set(train["label"]) == {0, 1, 2, 3}
     val = collect(eval_stream(load_split(cfg, "val"), cfg))
     assert len(val["label"]) == 16 and not set(val["sample_id"]) & set(train["sample_id"])
@@ -384,7 +387,7 @@ def test_prepare_data_shards_load_and_stream(ray_local, folder, tmp_path):
     assert {r["path"]: (r["label"], r["sample_id"]) for r in rows} == want
     assert max(Image.open(io.BytesIO(r["image"])).size[1] for r in rows) <= 24  # never upscaled
     assert min(min(Image.open(io.BytesIO(r["image"])).size) for r in rows) == 20
-    batch = collect(train_stream(load_split(cfg, "train"), cfg, 0))
+    batch = collect(train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg)))
     assert batch["image"].shape == (12, 3, 32, 32) and batch["skipped"].sum() == 0
     assert len(load_split(cfg, "val").take_all()) == 6
     # limit_train takes the same first rows on every execution.

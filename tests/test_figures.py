@@ -22,8 +22,9 @@ from micl.figures import (
     metric_history,
     pca_2d,
 )
+from micl.artifacts import export_encoder
+from micl.driver import check
 from micl.models import MaskedViT
-from micl.models.pretrained import export_encoder
 from micl.tracking import get_or_create_experiment, log_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -138,12 +139,13 @@ def test_metric_history_is_sorted_by_step(store):
 
 
 def fake_training_run(store: str, cfg: Config, name: str) -> str:
-    """A run laid out as micl.train leaves it: flattened config params, encoder/ artifacts
-    (micl.train._log_encoder's two files) and a knn_top1 metric per epoch."""
+    """A run laid out as micl.train leaves it: flattened config params (checked, so with every
+    method field), encoder/ artifacts (micl.artifacts.export_encoder's two files) and a knn_top1
+    metric per epoch."""
     client = MlflowClient(store)
     run_id = client.create_run(get_or_create_experiment(store, "figures-test"),
                                run_name=name).info.run_id
-    log_params(client, run_id, cfg.flat())
+    log_params(client, run_id, check(cfg).flat())
     with tempfile.TemporaryDirectory() as d:
         export_encoder(tiny_encoder(), cfg.model, d)
         client.log_artifacts(run_id, d, "encoder")
@@ -157,6 +159,7 @@ def tiny_config(**data) -> Config:
     cfg = Config()
     cfg.model = ModelConfig(name="vit_tiny", img_size=28, patch_size=7, in_chans=1,
                             embed_dim=32, depth=2, num_heads=2)
+    cfg.method.args["mask_ratio"] = 0.25  # 16 patches: MiCL's default 0.9 leaves none per view
     for k, v in data.items():
         setattr(cfg.data, k, v)
     return cfg

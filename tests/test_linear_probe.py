@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from micl.config import ModelConfig, load_config
+from micl.artifacts import export_encoder, load_encoder
+from micl.config import ModelConfig, config_from_params, load_config
 from micl.evaluate import linear_probe
 from micl.models import MaskedViT
 from micl.models.export import load_timm_encoder
-from micl.models.pretrained import config_from_params, export_encoder, load_encoder
+from micl.objectives import check
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,9 +48,21 @@ def test_exported_encoder_loads_back(tmp_path):
 
 
 def test_config_round_trips_through_mlflow_params():
-    cfg = load_config(overrides=["method.name=mae", "data.mean=[0.2]", "data.std=[0.3]",
-                                 "data.path=/data/x", "run.name=run-1", "optim.clip_grad=1.0",
-                                 "method.teacher_run_id=0123abc"])
+    # A run logs its config after the method's check: every method field, defaults included
+    # (strings, ints, floats, bools and None among them).
+    cfg = check(load_config(overrides=["method.name=mimco", "data.mean=[0.2]", "data.std=[0.3]",
+                                       "data.path=/data/x", "run.name=run-1",
+                                       "optim.clip_grad=1.0", "method.teacher_run_id=0123abc",
+                                       "method.decoder_dim=64"]))
+    assert cfg.method.args["teacher_checkpoint"] is None and cfg.method.args["decoder_dim"] == 64
     params = {k: str(v) for k, v in cfg.flat().items()}  # what MLflow stores
     params["removed.field"] = "1"  # from another version: ignored
-    assert config_from_params(params) == cfg
+    again = config_from_params(params)
+    assert again == cfg
+    assert again.method.args["teacher_run_id"] == "0123abc"  # stays a string
+    assert check(again) == cfg  # and types back to the same settings
+    # A method with bool fields (MAE's norm_pix_loss) round-trips too.
+    mae = check(load_config(overrides=["method.name=mae", "method.norm_pix_loss=false"]))
+    params = {k: str(v) for k, v in mae.flat().items()}
+    assert config_from_params(params) == mae
+    assert check(config_from_params(params)).method.args["norm_pix_loss"] is False

@@ -233,7 +233,7 @@ def toy_config(store: Path, *overrides: str) -> Config:
 
 @pytest.mark.e2e
 def test_a_method_defined_in_a_test_trains_through_the_pipeline(ray_local, store):
-    with pytest.raises(ConfigError, match="method.logit_scal\b"):
+    with pytest.raises(ConfigError, match=r"method\.logit_scal\b"):
         check(toy_config(store, "method.logit_scal=5"))
     with pytest.raises(ConfigError, match="method.logit_scale"):
         check(toy_config(store, "method.logit_scale=-1"))

@@ -1,0 +1,89 @@
+"""Pieces of the training loop that are easy to get subtly wrong: the epoch averages over
+workers and skipped steps, and gradient accumulation at the end of an epoch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from micl.train import EpochSums, StepResult, grouped, train_step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reduce_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    sums = EpochSums()
+    # Rank 0 applied 3 steps of loss 1; rank 1 applied 1 step of loss 3 (its other steps
+    # were skipped as non-finite and must count nowhere).
+    for loss in ([1.0, 1.0, 1.0] if rank == 0 else [3.0]):
+        sums.add(StepResult(torch.tensor(loss), {"loss_rec": torch.tensor(2 * loss)}, 8, True))
+    total = sums.reduce(torch.device("cpu"))
+    if rank == 0:
+        torch.save({"means": total.means(), "steps": total.steps, "images": total.images}, out)
+    dist.destroy_process_group()
+
+
+def test_the_epoch_loss_averages_applied_steps_over_all_workers(tmp_path):
+    out = str(tmp_path / "out.pt")
+    mp.spawn(_reduce_worker, args=(_free_port(), out), nprocs=2, join=True)
+    got = torch.load(out)
+    # 4 applied steps in all: (1 + 1 + 1 + 3) / 4 = 1.5; the objective's metrics likewise.
+    assert got["means"] == {"loss": pytest.approx(1.5), "loss_rec": pytest.approx(3.0)}
+    assert got["steps"] == 4 and got["images"] == 32
+
+
+def test_no_applied_step_gives_nan_not_zero():
+    assert torch.isnan(torch.tensor(EpochSums().means()["loss"]))
+
+
+class Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(4, 1)
+
+    def forward(self, batch):
+        loss = self.w(batch["image"]).pow(2).mean()
+        return loss, {"half": loss.detach() / 2}
+
+
+def test_accumulation_never_carries_gradients_past_a_step():
+    torch.manual_seed(0)
+    model = Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [{"image": torch.randn(8, 4)} for _ in range(5)]
+    groups = list(grouped(batches, 2))
+    assert [len(g) for g in groups] == [2, 2]  # the fifth micro-batch is dropped, not kept
+    # One step over two micro-batches = one step on their mean loss (equal sizes).
+    reference = Linear()
+    reference.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    merged = {"image": torch.cat([b["image"] for b in groups[0]])}
+    reference(merged)[0].backward()
+    ref_opt.step()
+    result = train_step(model, opt, groups[0])
+    assert result.finite and result.images == 16
+    assert all(p.grad is None for p in model.parameters())  # cleared after every step
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_non_finite_step_is_not_applied():
+    model = Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_step(model, opt, [{"image": torch.full((2, 4), float("inf"))}])
+    assert not result.finite
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
