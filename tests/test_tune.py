@@ -1,4 +1,6 @@
-"""End-to-end Tune searches on local Ray: real trials, a real MLflow store, compare outputs."""
+"""One end-to-end Tune search on local Ray, inspected by several tests: real trials on
+Fashion-MNIST under ASHA, a real MLflow store, compare outputs, and a second call with the
+same name (what a user does to resume an interrupted search)."""
 
 from __future__ import annotations
 
@@ -13,69 +15,92 @@ from micl.compare import compare
 from micl.tune import run_search
 from micl.tune_space import parse_space
 
-pytestmark = pytest.mark.e2e
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="Debian package dataset-fashion-mnist missing")]
+
+GRID = {(0.25, 0.02), (0.25, 2.0), (0.5, 0.02), (0.5, 2.0)}  # mask ratio x temperature
 
 
-def base_config(tmp_path: Path, *overrides: str):
-    return tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=96",
-                       "data.batch_size=16", "data.map_batch_size=32", "run.num_workers=1",
-                       "run.cpus_per_worker=1", "run.experiment=micl-tune-test", *overrides)
+@pytest.fixture(scope="module")
+def search(ray_local, tmp_path_factory):
+    """(base, space, result, cwd): a 2 x 2 grid under ASHA, up to 4 epochs per trial."""
+    tmp = tmp_path_factory.mktemp("search")
+    with pytest.MonkeyPatch.context() as mp:
+        # The default store and storage (./mlflow.db, ./runs) must reach the trials, which run
+        # in directories of their own.
+        mp.chdir(tmp)
+        base = tiny_config(
+            tmp, "run.tracking_uri=", "run.storage_path=", "run.num_workers=1",
+            "run.cpus_per_worker=1", "run.experiment=micl-tune-test",
+            "data.source=fashion_mnist", "model.img_size=28", "model.in_chans=1",
+            "data.mean=[0.286]", "data.std=[0.353]", "data.limit_train=512",
+            "data.knn_bank_size=512", "data.knn_query_size=256", "data.batch_size=64",
+            "data.map_batch_size=64", "optim.epochs=4")
+        space = parse_space({"params": {"method.mask_ratio": {"grid": [0.25, 0.5]},
+                                        "method.temperature": {"grid": [0.02, 2.0]}},
+                             "scheduler": "asha"}, base=base)
+        result = run_search(base, space, name="search")
+        yield base, space, result, tmp
 
 
-def test_grid_search_parent_children_and_compare(ray_local, tmp_path, monkeypatch):
-    # The default store and storage (./mlflow.db, ./runs) must reach the trials, which run in
-    # directories of their own.
-    monkeypatch.chdir(tmp_path)
-    base = base_config(tmp_path, "run.tracking_uri=", "run.storage_path=")
-    space = parse_space({"params": {"method.mask_ratio": {"grid": [0.5, 0.75]},
-                                    "method.temperature": {"grid": [0.05, 0.2]}},
-                         "scheduler": "fifo"}, base=base)
-    result = run_search(base, space, name="grid")
-    assert len(result.trials) == 4 and all(t["epochs"] == 2 for t in result.trials)
-
+def children(result):
     client = MlflowClient(result.tracking_uri)
     exp = client.get_experiment_by_name("micl-tune-test")
-    parent = client.get_run(result.parent_run_id)
-    assert parent.data.tags["micl.role"] == "search"
-    children = client.search_runs([exp.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert len(children) == 4
-    combos = {(c.data.params["method.mask_ratio"], c.data.params["method.temperature"])
-              for c in children}
-    assert combos == {("0.5", "0.05"), ("0.5", "0.2"), ("0.75", "0.05"), ("0.75", "0.2")}
-    assert all("knn_top1" in c.data.metrics for c in children)
-    assert all(c.info.status == "FINISHED" for c in children)
+    return client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
 
-    report = compare(parent_run_id=result.parent_run_id, out_dir=tmp_path / "cmp",
+
+def test_parent_children_and_compare(search):
+    _, _, result, tmp = search
+    assert result.tracking_uri == f"sqlite:///{tmp / 'mlflow.db'}"  # the cwd default
+    assert len(result.trials) == 4
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.parent_run_id).data.tags["micl.role"] == "search"
+    runs = children(result)
+    assert {(float(c.data.params["method.mask_ratio"]),
+             float(c.data.params["method.temperature"])) for c in runs} == GRID
+    assert all("knn_top1" in c.data.metrics for c in runs)
+    report = compare(parent_run_id=result.parent_run_id, out_dir=tmp / "cmp",
                      tracking_uri=result.tracking_uri)
     knn = list(report.table["knn_top1"])
     assert knn == sorted(knn, reverse=True) and len(knn) == 4
     with open(report.csv_path) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4
-    assert {(float(r["method.mask_ratio"]), float(r["method.temperature"])) for r in rows} == {
-        (0.5, 0.05), (0.5, 0.2), (0.75, 0.05), (0.75, 0.2)}
+    assert {(float(r["method.mask_ratio"]), float(r["method.temperature"])) for r in rows} == GRID
+    assert max(float(r["knn_top1"]) for r in rows) == result.best_metric
     assert Path(report.png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "compare")}
     assert any(p.endswith(".png") for p in logged)
 
 
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist missing")
-def test_asha_stops_poor_trials_early(ray_local, tmp_path):
-    base = base_config(tmp_path, "data.source=fashion_mnist", "model.img_size=28",
-                       "model.in_chans=1", "data.mean=[0.286]", "data.std=[0.353]",
-                       "data.limit_train=512", "data.knn_bank_size=512",
-                       "data.knn_query_size=256", "data.batch_size=64", "optim.epochs=4",
-                       "method.mask_ratio=0.5")
-    space = parse_space({"params": {"method.temperature": {"grid": [0.02, 0.1, 0.5, 2.0]}},
-                         "scheduler": "asha"}, base=base)
-    result = run_search(base, space, name="asha")
+def test_asha_stops_poor_trials_early(search):
+    _, _, result, _ = search
     epochs = sorted(t["epochs"] for t in result.trials)
-    assert len(epochs) == 4 and epochs[-1] == 4
+    assert epochs[-1] == 4
     assert epochs[0] < 4, epochs  # at least one trial stopped before the last epoch
-    client = MlflowClient(result.tracking_uri)
-    exp = client.get_experiment_by_name("micl-tune-test")
-    children = client.search_runs([exp.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert "RUNNING" not in {c.info.status for c in children}  # stopped trials are closed
+    status = {c.info.status for c in children(result)}
+    assert "RUNNING" not in status  # stopped trials are closed
+    assert "KILLED" in status
+
+
+def test_the_best_trial_beats_its_random_encoder(search):
+    _, _, result, _ = search
+    best = max(children(result), key=lambda c: c.data.metrics["knn_top1"])
+    history = MlflowClient(result.tracking_uri).get_metric_history(best.info.run_id,
+                                                                   "knn_top1")
+    by_step = {m.step: m.value for m in history}
+    assert by_step[max(by_step)] > by_step[0], by_step
+
+
+def test_the_same_name_restores_the_search(search):
+    """Calling the search again with its name restores it through Tune: nothing is re-run
+    (no trial errored) and the trials stay under the same MLflow parent."""
+    base, space, first, tmp = search
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        again = run_search(base, space, name="search")
+    assert again.parent_run_id == first.parent_run_id
+    assert len(children(again)) == 4
+    assert sorted(t["epochs"] for t in again.trials) == sorted(t["epochs"] for t in
+                                                                first.trials)

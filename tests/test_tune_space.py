@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from micl.config import Config, ConfigError, load_config
+from micl.driver import check
 from micl.tune_space import SearchSpace, apply_trial_params, load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,12 +124,17 @@ def test_values_are_checked_against_the_base_config():
 
 
 def test_apply_trial_params_returns_a_validated_copy():
-    base = load_config(flat_overrides={"optim.epochs": 3, "optim.warmup_epochs": 1})
-    cfg = apply_trial_params(base, {"method.mask_ratio": 0.75, "method.temperature": 0.1,
-                                    "optim.blr": "1e-4"})
-    assert (cfg.method.mask_ratio, cfg.method.temperature, cfg.optim.blr) == (0.75, 0.1, 1e-4)
-    assert cfg.optim.epochs == 3  # the base's other values are kept
-    assert base.method.mask_ratio == 0.9  # the base is not changed
+    unchecked = load_config(flat_overrides={"optim.epochs": 3, "optim.warmup_epochs": 1})
+    base = check(load_config(flat_overrides={"optim.epochs": 3, "optim.warmup_epochs": 1}))
+    for start in (unchecked, base):
+        cfg = apply_trial_params(start, {"method.mask_ratio": 0.75, "method.temperature": 0.1,
+                                         "optim.blr": "1e-4"})
+        args = cfg.method.args  # checked: every MiCL field, typed
+        assert (args["mask_ratio"], args["temperature"], cfg.optim.blr) == (0.75, 0.1, 1e-4)
+        assert args["kappa"] == 1 / 64 and args["negatives"] == "local"
+        assert cfg.optim.epochs == 3  # the base's other values are kept
+    assert base.method.args["mask_ratio"] == 0.9  # the base is not changed
+    assert unchecked.method.args == {}  # (not even filled in)
     with pytest.raises(ConfigError, match="method.mask_ratio"):
         apply_trial_params(base, {"method.mask_ratio": 1.5})
     with pytest.raises(ConfigError, match="method.temprature"):
@@ -139,8 +145,24 @@ def test_apply_trial_params_accepts_numpy_scalars():
     np = pytest.importorskip("numpy")
     cfg = apply_trial_params(Config(), {"method.kappa": np.float64(0.25),
                                         "optim.epochs": np.int64(20)})
-    assert cfg.method.kappa == 0.25 and cfg.optim.epochs == 20
+    assert cfg.method.args["kappa"] == 0.25 and cfg.optim.epochs == 20
+    assert type(cfg.method.args["kappa"]) is float
     assert type(cfg.optim.epochs) is int
+
+
+def test_method_fields_are_the_base_methods():
+    # A space searches the fields of the base config's method: MAE has a decoder, no kappa.
+    mae = load_config(ROOT / "configs/fashion_mnist_mae.yaml")
+    space = parse_space({"params": {"method.decoder_depth": {"grid": [1, 2]},
+                                    "method.mask_ratio": {"uniform": [0.5, 0.9]}}}, base=mae)
+    assert space.num_trials() == 2
+    with pytest.raises(ConfigError, match="params.method.kappa.*unknown config field"):
+        parse_space({"params": {"method.kappa": {"grid": [0.0, 0.25]}}}, base=mae)
+    with pytest.raises(ConfigError, match="params.method.decoder_depth"):
+        parse_space({"params": {"method.decoder_depth": {"grid": [1, 2]}}})  # MiCL base
+    macrl = check(load_config(ROOT / "configs/fashion_mnist_macrl.yaml"))
+    with pytest.raises(ConfigError, match="grid value 0.95 .*method.strong_mask_ratio"):
+        parse_space({"params": {"method.mask_ratio": {"grid": [0.5, 0.95]}}}, base=macrl)
 
 
 def test_space_round_trips_through_to_dict():
