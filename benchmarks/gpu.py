@@ -10,9 +10,11 @@ Run (from the repository root, on a machine with a CUDA GPU; prints "no GPU: ski
     .venv/bin/python benchmarks/gpu.py --allow-cpu --no-append  # code-path smoke test on CPU
 
 Compute-bound mode (default): synthetic uint8 images and MiCL view indices already on the GPU;
-one step = normalize -> forward of both views (bf16 autocast) -> MiCL loss -> backward ->
-grad-norm -> fused AdamW step, exactly as micl.train does it. Timed with CUDA events over
---steps steps after --warmup steps. Reported: images/s, achieved TFLOP/s, MFU, peak memory.
+one step = `micl.train.to_device` (normalize) -> `micl.train.train_step`, the training loop's own
+step: forward of both views (bf16 autocast) -> MiCL loss -> backward -> grad-norm -> finiteness
+check (one host sync per step, as in the loop) -> fused AdamW step (`build_optimizer`). Timed
+with CUDA events over --steps steps after --warmup steps. Reported: images/s, achieved TFLOP/s,
+MFU, peak memory. --compile hands train_step the torch.compile'd objective.
 
 FLOPs are counted analytically for the tokens actually processed (a multiply-add = 2 FLOPs):
 per view N = 1 + k tokens (k = patches per view = int(L (1 - r)) // 2); per block forward
@@ -34,7 +36,6 @@ stream's images/s per data CPU when the stream is the bottleneck.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -110,57 +111,60 @@ def build_config(s: Setup):
     cfg = Config()
     cfg.model.name, cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = \
         s.model, s.img_size, s.patch_size, s.in_chans
-    cfg.method.name, cfg.method.mask_ratio = "micl", s.mask_ratio
+    cfg.method.name = "micl"
+    cfg.method.args["mask_ratio"] = s.mask_ratio
     cfg.data.batch_size = s.batch_size
-    return cfg.validate()
+    from micl.driver import check
+
+    return check(cfg)  # generic fields, data source, method (fills in MiCL's defaults)
 
 
 class Stepper:
-    """One MiCL optimizer step as micl.train.train_loop_per_worker takes it."""
+    """One MiCL optimizer step as micl.train.train_loop_per_worker takes it: the same optimizer
+    (`build_optimizer`, fused AdamW on GPU), `to_device` and `train_step` (bf16 autocast on GPU,
+    optim.clip_grad, finiteness check)."""
 
     def __init__(self, s: Setup, device, compile_model: bool = False) -> None:
         import torch
 
         from micl.objectives import build_objective
-        from micl.train import param_groups
+        from micl.train import build_optimizer
 
         self.cfg = build_config(s)
         self.device = device
         torch.manual_seed(0)
         self.model = build_objective(self.cfg).to(device)
         on_gpu = device.type == "cuda"
-        self.opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1e-4,
-                                     betas=(0.9, 0.95), fused=on_gpu or None)
+        self.opt = build_optimizer(self.model, self.cfg, world=1, on_gpu=on_gpu)
         self.autocast = torch.bfloat16 if on_gpu else None
+        # The compiled module shares the objective's parameters: train_step clips and steps
+        # them through it.
         self.forward = torch.compile(self.model) if compile_model else self.model
 
     def __call__(self, raw: dict[str, Any]) -> Any:
-        import torch
+        from micl.train import to_device, train_step
 
-        from micl.train import _to_device
-
-        batch = _to_device(raw, self.cfg, self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast,
-                            enabled=self.autocast is not None):
-            loss, _ = self.forward(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
+        batch = to_device(raw, self.cfg, self.device)
+        result = train_step(self.forward, self.opt, [batch], self.cfg.optim.clip_grad,
+                            self.autocast)
+        if not result.finite:
+            raise FloatingPointError("non-finite loss or gradient in the benchmark step")
+        return result.loss
 
 
 def synthetic_batch(s: Setup, device) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from micl.objectives.micl import MiCL
+    from micl.objectives import stream_spec
 
-    cfg = build_config(s)
+    spec = stream_spec(build_config(s))
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (s.batch_size, s.in_chans, s.img_size, s.img_size),
                            dtype=torch.uint8, generator=g)
-    masks = MiCL.draw_masks(cfg, s.batch_size, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    per_sample = [spec.draw_masks(rng) for _ in range(s.batch_size)]  # {name: int64 [k]} each
+    masks = {k: np.stack([m[k] for m in per_sample]) for k in per_sample[0]}  # [B, k]
     batch = {"image": images, **{k: torch.as_tensor(v) for k, v in masks.items()}}
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -219,6 +223,8 @@ def end_to_end(s: Setup, args, device, compute_ips: float | None) -> list[object
 
     from micl.data.sources import load_split
     from micl.data.stream import epoch_clock, train_stream
+    from micl.driver import check
+    from micl.objectives import stream_spec
 
     folder = _common.make_jpeg_folder(args.data_root / f"jpeg-{args.num_images}", args.num_images)
     path = folder if args.e2e_format == "jpeg" else _common.make_parquet_shards(
@@ -232,8 +238,9 @@ def end_to_end(s: Setup, args, device, compute_ips: float | None) -> list[object
     cfg.data.source = "imagefolder" if args.e2e_format == "jpeg" else "parquet"
     cfg.data.path = str(path)
     cfg.data.map_batch_size = args.map_batch_size
+    cfg = check(cfg)  # again, for the file source
     clock = epoch_clock("gpu-bench-clock")
-    ds = train_stream(load_split(cfg, "train"), cfg, "gpu-bench-clock")
+    ds = train_stream(load_split(cfg, "train"), cfg, "gpu-bench-clock", stream_spec(cfg))
     step = Stepper(s, device, args.compile)
     on_gpu = device.type == "cuda"
     n = seen = 0
@@ -268,6 +275,8 @@ def check_flops() -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from micl.train import to_device
+
     rows = []
     worst = 0.0
     for s in (Setup("vit_pico", 0.75, 4, 64, 8), Setup("vit_tiny", 0.9, 2, 224, 16),
@@ -276,9 +285,7 @@ def check_flops() -> int:
         batch = synthetic_batch(s, torch.device("cpu"))
         counter = FlopCounterMode(display=False)
         with counter:
-            from micl.train import _to_device
-
-            loss, _ = step.model(_to_device(batch, step.cfg, torch.device("cpu")))
+            loss, _ = step.model(to_device(batch, step.cfg, torch.device("cpu")))
             loss.backward()
         measured = counter.get_total_flops() / s.batch_size
         analytic = micl_flops_per_image(s)["train"]

@@ -130,11 +130,14 @@ def _ray_config(spec: dict[str, Any]):
     cfg.data.path = spec["path"]
     cfg.model.name, cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = \
         "vit_large", IMG, 16, 3
-    cfg.method.name, cfg.method.mask_ratio = "micl", spec.get("mask_ratio", 0.9)
+    cfg.method.name = "micl"
+    cfg.method.args["mask_ratio"] = spec.get("mask_ratio", 0.9)
     cfg.data.batch_size = spec["batch_size"]
     cfg.data.map_batch_size = int(spec.get("map_batch_size", 512))
     cfg.data.data_cpus = float(spec.get("data_cpus", 1.0))
-    return cfg.validate()
+    from micl.driver import check
+
+    return check(cfg)  # generic fields, data source, method (fills in MiCL's defaults)
 
 
 def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +151,7 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
     import micl.data.stream as stream_mod
     from micl.data.sources import load_split
     from micl.data.stream import epoch_clock, train_stream
+    from micl.objectives import stream_spec
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -161,7 +165,7 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = _ray_config(spec)
     clock_name = f"bench-clock-{os.getpid()}"
     clock = epoch_clock(clock_name)
-    ds = train_stream(load_split(cfg, "train"), cfg, clock_name)
+    ds = train_stream(load_split(cfg, "train"), cfg, clock_name, stream_spec(cfg))
     if spec.get("consume") == "split":  # what ray.train.DataConfig does for one worker
         it_src = ds.streaming_split(1, equal=True)[0]
     else:

@@ -158,13 +158,10 @@ def main() -> None:
     import torch
     from mlflow.tracking import MlflowClient
 
+    from micl.artifacts import load_encoder
     from micl.config import load_config
     from micl.evaluate import pixel_knn_top1
     from micl.models import MaskedViT
-    try:
-        from micl.artifacts import load_encoder
-    except ImportError:  # before micl/models/pretrained.py moved to micl/artifacts.py
-        from micl.models.pretrained import load_encoder
     from micl.tracking import RunLogger, tracking_uri
 
     torch.set_num_threads(2)

@@ -12,8 +12,10 @@ vs two) in a minute or two with the same encoder (`MaskedViT`), the same loss (`
 and the same kNN (`knn_top1`) as the pipeline. What differs, so that settings are compared
 with each other and not with pipeline runs: the whole split sits in memory, and the crop is a
 batched bilinear `affine_grid` (scale and ratio drawn as in RandomResizedCrop, plus a flip)
-instead of the stream's per-image bicubic crop. Settings that win here go to a Tune search
-(`tune_spaces/`) and to `benchmarks/quality.py`, which use the real pipeline.
+instead of the stream's per-image bicubic crop. The optimizer step is the pipeline's own
+(`micl.train.train_step`, on a small module that returns the MiCL loss of a batch). Settings
+that win here go to a Tune search (`tune_spaces/`) and to `benchmarks/quality.py`, which use
+the real pipeline.
 
 Prints the kNN top-1 of the cls token, of mean-pooled patch tokens and of both concatenated.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import Any
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
@@ -33,8 +36,8 @@ from micl.data.sources import read_fashion_mnist
 from micl.evaluate import knn_top1
 from micl.models import MaskedViT
 from micl.models.vit import gather_tokens
-from micl.objectives.micl import micl_loss
-from micl.train import lr_at, param_groups
+from micl.objectives.losses import micl_loss
+from micl.train import lr_at, param_groups, train_step
 
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST, as in configs/fashion_mnist_tiny.yaml
 
@@ -60,6 +63,26 @@ def random_resized_crops(x: torch.Tensor, scale_min: float, g: torch.Generator) 
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return (F.grid_sample(x, grid, align_corners=False) - MEAN) / STD
+
+
+class RecipeMiCL(torch.nn.Module):
+    """`batch -> (MiCL loss, {})` for train_step: `image` is the (normalised) crop both views
+    come from, or with `image2` the crop of the second view; `view1`, `view2` are the two
+    disjoint sets of visible patch indices [B, k]."""
+
+    def __init__(self, encoder: MaskedViT, kappa: float, temperature: float) -> None:
+        super().__init__()
+        self.encoder, self.kappa, self.temperature = encoder, kappa, temperature
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        enc, v1, v2 = self.encoder, batch["view1"], batch["view2"]
+        if "image2" in batch:  # two crops: embed each, keep its view's patches, encode together
+            t1, t2 = enc.embed_patches(batch["image"]), enc.embed_patches(batch["image2"])
+            z1, z2 = enc.forward_tokens(torch.cat([gather_tokens(t1, v1),
+                                                   gather_tokens(t2, v2)]))[:, 0].chunk(2)
+        else:
+            z1, z2 = enc.forward_views(batch["image"], [v1, v2])
+        return micl_loss(z1, z2, self.kappa, self.temperature), {}
 
 
 @torch.no_grad()
@@ -103,7 +126,8 @@ def main() -> None:
     train, test = load("train"), load("test")
     encoder = MaskedViT(28, a.patch, 1, a.embed_dim, a.depth, a.heads)
     k = patches_per_view(encoder.num_patches, a.mask_ratio)
-    opt = torch.optim.AdamW(param_groups(encoder, a.weight_decay), lr=a.lr, betas=(0.9, 0.95))
+    model = RecipeMiCL(encoder, a.kappa, a.temperature)
+    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95))
     steps_per_epoch = len(train[0]) // a.batch_size
     total = int(a.epochs * steps_per_epoch)
     eval_steps = int(a.eval_every * steps_per_epoch)
@@ -118,24 +142,19 @@ def main() -> None:
                 group["lr"] = lr_at(step / steps_per_epoch, a.lr, a.warmup_epochs, a.epochs)
             x = train[0][order[i * a.batch_size : (i + 1) * a.batch_size]]
             perm = torch.rand(len(x), encoder.num_patches, generator=g).argsort(1)  # [B, L]
-            v1, v2 = perm[:, :k], perm[:, k : 2 * k]  # two disjoint sets of visible patches
+            batch = {"image": random_resized_crops(x, a.crop_scale_min, g),
+                     "view1": perm[:, :k], "view2": perm[:, k : 2 * k]}  # disjoint visible sets
             if a.two_crops:
-                t1 = encoder.embed_patches(random_resized_crops(x, a.crop_scale_min, g))
-                t2 = encoder.embed_patches(random_resized_crops(x, a.crop_scale_min, g))
-                z = encoder.forward_tokens(torch.cat([gather_tokens(t1, v1),
-                                                      gather_tokens(t2, v2)]))[:, 0]
-                z1, z2 = z.chunk(2)
-            else:
-                z1, z2 = encoder.forward_views(random_resized_crops(x, a.crop_scale_min, g),
-                                               [v1, v2])
-            loss = micl_loss(z1, z2, a.kappa, a.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                batch["image2"] = random_resized_crops(x, a.crop_scale_min, g)
+            result = train_step(model, opt, [batch])
+            if not result.finite:
+                raise SystemExit(f"[recipe] non-finite loss or gradient at step {step + 1}: "
+                                 "lower --lr")
             step += 1
             if step % 50 == 0:
                 rate = step * a.batch_size / (time.perf_counter() - start - eval_seconds)
-                print(f"[recipe] step {step} loss {loss.item():.3f} {rate:.0f} img/s", flush=True)
+                print(f"[recipe] step {step} loss {result.loss.item():.3f} {rate:.0f} img/s",
+                      flush=True)
             if eval_steps and step % eval_steps == 0 and step < total:
                 t = time.perf_counter()
                 knn = knn_cls_mean_both(encoder, train, test)

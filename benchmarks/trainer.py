@@ -15,9 +15,10 @@ synthetic batches:
   `micl.train.train_loop_per_worker` reading its shard through Ray Data's streaming split. The
   train stream is materialised before `fit()` (the same blocks every epoch), so the number is
   the loop's overhead and not the CPU cost of decoding, which `benchmarks/ingest.py` measures.
-- plain: one Python process without Ray, the same objective, AdamW groups, per-step lr, clip /
-  finiteness check and `normalize` as the loop (imported from micl.train), over the same
-  batches held in memory as torch tensors.
+- plain: one Python process without Ray, the same objective, optimizer (`build_optimizer`),
+  per-step lr (`lr_at`), device transfer + `normalize` (`to_device`) and optimizer step
+  (`train_step`: forward, backward, grad-norm clip, finiteness check, step) as the loop, all
+  imported from micl.train, over the same batches held in memory as torch tensors.
 
 Steady state: each epoch's time runs from the first batch request to the last optimizer step
 (the loop's own `images_per_s` metric, collected by a Ray Train UserCallback), so Ray start-up
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -53,7 +53,8 @@ def make_config(args: dict[str, Any], storage: str):
     m, d = cfg.model, cfg.data
     m.name, m.img_size, m.patch_size, m.in_chans = args["model"], args["img_size"], \
         args["patch_size"], 3
-    cfg.method.name, cfg.method.mask_ratio = "micl", args["mask_ratio"]
+    cfg.method.name = "micl"
+    cfg.method.args["mask_ratio"] = args["mask_ratio"]
     d.source, d.synthetic_size, d.synthetic_classes = "synthetic", \
         args["batch_size"] * args["steps_per_epoch"], 10
     d.batch_size, d.map_batch_size = args["batch_size"], args["batch_size"]
@@ -65,7 +66,11 @@ def make_config(args: dict[str, Any], storage: str):
     r.num_workers, r.cpus_per_worker, r.torch_threads = 1, 1.0, args["threads"]
     r.storage_path, r.eval_every, r.checkpoint_every = storage, 10**6, 10**6
     r.keep_last, r.seed = 1, 0
-    return cfg.validate()
+    from micl.driver import check, resolve
+
+    # check: generic fields, data source and method (fills in MiCL's defaults); resolve: absolute
+    # tracking URI and storage path, which build_trainer requires.
+    return resolve(check(cfg))
 
 
 def synthetic_batches(cfg) -> list[dict[str, Any]]:
@@ -76,12 +81,13 @@ def synthetic_batches(cfg) -> list[dict[str, Any]]:
 
     from micl.data.sources import synthetic_images
     from micl.data.stream import _TrainMapper
+    from micl.objectives import stream_spec
 
     n, bs = cfg.data.synthetic_size, cfg.data.batch_size
     ids = np.arange(n, dtype=np.int64)
     images, labels = synthetic_images(ids, cfg.model.img_size, cfg.model.in_chans,
                                       cfg.data.synthetic_classes)
-    mapper = _TrainMapper(cfg, 0)
+    mapper = _TrainMapper(cfg, 0, stream_spec(cfg))
     out = mapper({"image": images, "label": labels, "sample_id": ids,
                   "path": np.full(n, "", dtype=object)})
     out.pop("skipped")
@@ -93,7 +99,7 @@ def run_plain(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from micl.objectives import build_objective
-    from micl.train import _to_device, lr_at, param_groups
+    from micl.train import base_lr, build_optimizer, lr_at, to_device, train_step
 
     cfg = make_config(args, tempfile.mkdtemp())
     torch.set_num_threads(cfg.run.torch_threads)
@@ -101,31 +107,26 @@ def run_plain(args: dict[str, Any]) -> dict[str, Any]:
     batches = synthetic_batches(cfg)
     device = torch.device("cpu")
     model = build_objective(cfg)
-    base_lr = cfg.optim.blr * cfg.data.batch_size / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2))
+    opt = build_optimizer(model, cfg, world=1, on_gpu=False)
+    peak = base_lr(cfg, 1)
     per_epoch, step, epochs = len(batches), 0, []
     for epoch in range(cfg.optim.epochs):
         model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        n_images = 0
+        loss_sum, n_images = 0.0, 0
         for raw in batches:
-            batch = _to_device(dict(raw), cfg, device)
-            lr = lr_at(min(step / per_epoch, epoch + 1), base_lr, cfg.optim.warmup_epochs,
+            batch = to_device(dict(raw), cfg, device)
+            lr = lr_at(min(step / per_epoch, epoch + 1), peak, cfg.optim.warmup_epochs,
                        cfg.optim.epochs)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, _ = model(batch)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-            if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
-                raise FloatingPointError("non-finite loss")
-            loss_sum += loss.detach()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            result = train_step(model, opt, [batch], cfg.optim.clip_grad)
+            if not result.finite:
+                raise FloatingPointError(f"non-finite loss or gradient at step {step + 1}")
+            loss_sum += result.loss.item()  # the loop's EpochSums.add does the same per step
             step += 1
-            n_images += batch["image"].shape[0]
+            model.after_step(step, per_epoch * cfg.optim.epochs)
+            n_images += result.images
         epochs.append(n_images / (time.perf_counter() - t0))
     return {"images_per_s": epochs, "steps_per_epoch": per_epoch}
 

@@ -135,7 +135,8 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
 def parse_space(raw: Any, base: Config | None = None, source: str = "<search space>"
                 ) -> SearchSpace:
     """Validate an already-loaded search-space mapping (see the module docstring)."""
-    base = base if base is not None else Config()
+    # Checked through the registries: the method's own fields become known (and searchable).
+    base = check(from_dict((base if base is not None else Config()).to_dict()))
     if not isinstance(raw, dict):
         raise _space_err(source, "<file>", f"expected a mapping with a 'params:' section, "
                                            f"got {type(raw).__name__}")

@@ -24,6 +24,7 @@ from micl.compare import (
     write_outputs,
 )
 from micl.config import Config
+from micl.driver import check
 from micl.tracking import start_or_resume_run, use_tracking_uri
 from micl.tune_space import apply_trial_params
 
@@ -80,7 +81,9 @@ def store(tmp_path_factory):
                                   tags={"micl.role": "trial"}):
                 _log_run(cfg.flat(), knn)
         with mlflow.start_run(experiment_id=exp, run_name="pretrain") as solo:
-            _log_run(Config().flat(), None)  # a run whose kNN never ran: ranked last
+            # A run whose kNN never ran: ranked last. Runs log the checked config (every
+            # method field, defaults included), as the trials' apply_trial_params gives it.
+            _log_run(check(Config()).flat(), None)
         yield {"uri": uri, "tmp": tmp, "parent": parent.info.run_id, "trials": trials,
                "random_parent": random_parent.info.run_id, "solo": solo.info.run_id}
 
@@ -92,8 +95,12 @@ def test_table_ranks_trials_and_shows_only_differing_params(store):
     assert list(table["knn_top1"]) == sorted(FINAL_KNN.values(), reverse=True)
     assert list(table.columns[:5]) == ["run", "run_name", "status", "method.mask_ratio",
                                        "method.temperature"]
-    # Same in every trial (or bookkeeping like run.name): not shown.
-    assert not {"model.name", "optim.blr", "run.name", "method.kappa"} & set(table.columns)
+    # Same in every trial (or bookkeeping like run.name): not shown, though every trial logged
+    # every method field (check fills in the defaults).
+    assert not {"model.name", "optim.blr", "run.name", "method.kappa", "method.negatives",
+                "method.name"} & set(table.columns)
+    params = runs[runs["run_id"] == table.index[0]].iloc[0]
+    assert params["params.method.kappa"] == str(1 / 64)
     assert {"loss", "images_per_s", "epoch"} <= set(table.columns)
     assert "linear_top1" not in table.columns  # not logged, so not shown
     best = table.iloc[0]

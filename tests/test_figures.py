@@ -13,7 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from micl.artifacts import export_encoder
 from micl.config import Config, ModelConfig
+from micl.driver import check
 from micl.figures import (
     attention_figure,
     cls_attention,
@@ -22,8 +24,6 @@ from micl.figures import (
     metric_history,
     pca_2d,
 )
-from micl.artifacts import export_encoder
-from micl.driver import check
 from micl.models import MaskedViT
 from micl.tracking import get_or_create_experiment, log_params
 

@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from micl.data.masking import patches_per_view, sample_mae_mask, sample_rng, sample_view_indices
+from micl.config import load_config
+from micl.data.masking import (
+    ViewPairMasks,
+    VisibleMaskedMasks,
+    patches_per_view,
+    sample_mae_mask,
+    sample_rng,
+    sample_view_indices,
+)
+from micl.objectives import stream_spec
 
 
 @pytest.mark.parametrize(
@@ -53,3 +62,36 @@ def test_mae_mask_partitions_patches():
     assert vis.shape == (16, 49) and masked.shape == (16, 147)
     full = np.sort(np.concatenate([vis, masked], axis=1), axis=1)
     assert (full == np.arange(196)).all()
+
+
+def test_per_sample_samplers_give_int64_index_arrays():
+    rng = np.random.default_rng(0)
+    views = ViewPairMasks(49, 0.5)(rng)
+    assert set(views) == {"view1", "view2"}
+    for v in views.values():
+        assert v.dtype == np.int64 and v.shape == (patches_per_view(49, 0.5),)
+    assert not set(views["view1"]) & set(views["view2"])
+    mae = VisibleMaskedMasks(196, 0.75, prefix="strong_")(rng)
+    assert set(mae) == {"strong_visible", "strong_masked"}
+    assert mae["strong_visible"].shape == (49,) and mae["strong_masked"].shape == (147,)
+    assert all(v.dtype == np.int64 for v in mae.values())
+    assert (np.sort(np.concatenate(list(mae.values()))) == np.arange(196)).all()
+
+
+@pytest.mark.parametrize(("method", "columns"), [
+    ("micl", {"view1": 12, "view2": 12}),
+    ("mae", {"visible": 12, "masked": 37}),
+    ("macrl", {"visible": 12, "masked": 37, "strong_visible": 4, "strong_masked": 45}),
+])
+def test_stream_spec_draws_each_methods_masks_from_the_sample_rng(method, columns):
+    ratio = {"micl": 0.5, "mae": 0.75, "macrl": 0.75}[method]
+    cfg = load_config(overrides=[f"method.name={method}", f"method.mask_ratio={ratio}"])
+    spec = stream_spec(cfg)  # 28 px, patch 4: 49 patches
+    assert set(spec.views) == ({"image", "image_strong"} if method == "macrl" else {"image"})
+    masks = spec.draw_masks(sample_rng(0, 1, 5))
+    assert {k: v.shape[0] for k, v in masks.items()} == columns
+    assert all(v.dtype == np.int64 for v in masks.values())
+    again = spec.draw_masks(sample_rng(0, 1, 5))  # the same sample and epoch: the same masks
+    assert all((masks[k] == again[k]).all() for k in masks)
+    other = spec.draw_masks(sample_rng(0, 2, 5))
+    assert any((masks[k] != other[k]).any() for k in masks)

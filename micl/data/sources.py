@@ -132,7 +132,7 @@ def source_for(cfg: Config) -> Source:
 
 
 def check_source(cfg: Config) -> None:
-    """Config validation of the data source (called from `micl.config.validate`, which does not
+    """Config validation of the data source (called from `micl.driver.check`: the config does not
     know source names): the source exists and its own checks pass."""
     source_for(cfg).check(cfg)
 
