@@ -27,11 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override a config field")
     args = parser.parse_args(argv)
+    try:  # the generic fields first: a typo there needs no torch, Ray or method registry
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     from micl.data.sources import DataError
     from micl.driver import PretrainError, check, run_pretraining
 
-    try:
-        cfg = check(load_config(args.config, args.overrides))
+    try:  # then the data source's and the method's fields, before Ray starts
+        cfg = check(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +20,20 @@ from mlflow.tracking import MlflowClient
 from micl.artifacts import STATE_FILE, export_encoder, load_encoder, save_state
 from micl.config import Config, ConfigError, ModelConfig, load_config
 from micl.data.augment import strong_augment
-from micl.data.masking import ViewPairMasks, sample_mae_mask
-from micl.data.stream import StreamSpec, _TrainMapper
+from micl.data.masking import sample_mae_mask
+from micl.data.stream import _TrainMapper
 from micl.driver import check, evaluate_run, run_pretraining
 from micl.models import MaskedViT
 from micl.models.decoder import patchify, reconstruction_loss
 from micl.objectives import (
     OBJECTIVES,
-    MethodArgs,
-    Objective,
     build_objective,
-    method_error,
-    register,
     stream_spec,
 )
-from micl.objectives.losses import info_nce, patch_info_nce
+from micl.objectives.losses import patch_info_nce
 from micl.train import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN = sorted(OBJECTIVES)  # before this module registers its own method below
 
 MODEL = ["model.img_size=16", "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32",
          "model.depth=2", "model.num_heads=2"]
@@ -95,7 +89,7 @@ def micl_run(ray_local, store):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_method_trains_through_the_pipeline(name, store, request):
     if name == "micl":
         cfg, result = request.getfixturevalue("micl_run")
@@ -191,48 +185,24 @@ def test_evaluate_cli_rejects_a_missing_run(tmp_path):
 # ----------------------------------------------------------------------------- a new method
 
 
-@dataclass
-class ToyArgs(MethodArgs):
-    mask_ratio: float = 0.5
-    logit_scale: float = 10.0  # this method's own field: cosine logits times this
-
-    def check(self, cfg: Config) -> None:
-        if not isinstance(self.logit_scale, int | float) or not self.logit_scale > 0:
-            raise method_error("logit_scale", self.logit_scale, "must be > 0")
-
-
-@register("toy_views")
-class ToyViews(Objective):
-    """A method defined outside micl (one class + its Args): InfoNCE between two disjoint
-    views; `after_step` counts optimizer steps in a buffer (where a momentum teacher would
-    update), so the test can see the hook ran once per step."""
-
-    Args = ToyArgs
-
-    def __init__(self, cfg: Config, args: ToyArgs) -> None:
-        super().__init__(cfg, args)
-        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
-
-    @classmethod
-    def stream_spec(cls, cfg: Config, args: ToyArgs) -> StreamSpec:
-        return StreamSpec(masks=(ViewPairMasks(cfg.model.num_patches, args.mask_ratio),))
-
-    def forward(self, batch):
-        z1, z2 = self.encoder.forward_views(batch["image"], [batch["view1"], batch["view2"]])
-        loss = info_nce(z1, z2, 1 / self.args.logit_scale)
-        return loss, {"loss_toy": loss.detach()}
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        self.steps_seen += 1
-
-
 def toy_config(store: Path, *overrides: str) -> Config:
+    return tiny_config(store, "toy_views", "run.import_modules=[toy_method]", *overrides)
+
+
+@pytest.fixture
+def toy_registered():
+    """The test method registers on import (driver and workers, via run.import_modules);
+    take it out of this process's registry afterwards so other tests see the built-ins."""
     METHOD_ARGS["toy_views"] = []
-    return tiny_config(store, "toy_views", "run.import_modules=[test_objectives]", *overrides)
+    yield
+    OBJECTIVES.pop("toy_views", None)
+    METHOD_ARGS.pop("toy_views")
+    sys.modules.pop("toy_method", None)
 
 
 @pytest.mark.e2e
-def test_a_method_defined_in_a_test_trains_through_the_pipeline(ray_local, store):
+def test_a_method_defined_in_a_test_trains_through_the_pipeline(ray_local, store,
+                                                                 toy_registered):
     with pytest.raises(ConfigError, match=r"method\.logit_scal\b"):
         check(toy_config(store, "method.logit_scal=5"))
     with pytest.raises(ConfigError, match="method.logit_scale"):
@@ -245,24 +215,6 @@ def test_a_method_defined_in_a_test_trains_through_the_pipeline(ray_local, store
     assert "loss_toy" in run.data.metrics
     state = torch.load(Path(result.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] > 0 and int(state["model"]["steps_seen"]) == state["step"]
-
-
-def test_each_method_has_its_own_defaults_and_checks(tmp_path):
-    """Each method's Args defaults pass its own check and follow its paper, not MiCL's."""
-    # 8 x 8 patches: MiCL's default r = 0.9 leaves 3 patches per view.
-    m = ModelConfig(img_size=32, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2)
-    export_encoder(MaskedViT.from_config(m), m, tmp_path / "teacher")
-    defaults = {}
-    for name in BUILTIN:
-        extra = [f"method.teacher_checkpoint={tmp_path / 'teacher'}"] if name == "mimco" else []
-        cfg = check(load_config(overrides=[*MODEL, "model.img_size=32", f"method.name={name}",
-                                           *extra]), preflight=True)
-        defaults[name] = cfg.method.args
-    assert defaults["micl"]["mask_ratio"] == 0.9
-    for name in ("mae", "macrl", "mimco"):  # MAE's convention
-        assert defaults[name]["mask_ratio"] == 0.75, name
-    assert defaults["macrl"]["strong_mask_ratio"] > defaults["macrl"]["mask_ratio"]
-    assert defaults["macrl"]["temperature"] == 0.2 != defaults["micl"]["temperature"]
 
 
 # ----------------------------------------------------------------------------- MAE
