@@ -26,7 +26,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray.train
 import torch
-from mlflow.exceptions import MlflowException
 
 from micl.config import Config, ConfigError, ModelConfig, config_from_params, from_dict
 from micl.models.export import (
@@ -113,6 +112,8 @@ def export_encoder(encoder: MaskedViT, model: ModelConfig, directory: str | Path
 
 
 def _from_run(run_id: str, tracking_uri: str | None) -> PretrainedEncoder:
+    from mlflow.exceptions import MlflowException  # mlflow: 2 s to import; workers rarely need it
+
     uri = tracking_uri or default_tracking_uri()
     client = mlflow_client(uri)
     try:

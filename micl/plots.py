@@ -1,15 +1,15 @@
-"""Pictures logged with runs (matplotlib, Agg: no display needed)."""
+"""Pictures logged with runs (matplotlib's object API: renders with Agg, needs no display).
+
+matplotlib is imported when a picture is drawn, not with the module: every training worker
+imports this module, and only rank 0 draws, once per run.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def _visible_only(image: np.ndarray, idx: np.ndarray, patch: int) -> np.ndarray:
@@ -28,11 +28,13 @@ def masked_views_figure(images: torch.Tensor, masks: dict[str, torch.Tensor], pa
 
     images: uint8 [N, C, H, W]; masks: name -> [N, k] patch indices.
     """
+    from matplotlib.figure import Figure
+
     imgs = images.cpu().numpy().transpose(0, 2, 3, 1)  # [N, H, W, C]
     names = list(masks)
     n = imgs.shape[0]
-    fig, axes = plt.subplots(n, 1 + len(names), figsize=(1.8 * (1 + len(names)), 1.8 * n),
-                             squeeze=False)
+    fig = Figure(figsize=(1.8 * (1 + len(names)), 1.8 * n))
+    axes = fig.subplots(n, 1 + len(names), squeeze=False)
     for r in range(n):
         panels = [("image", imgs[r])] + [
             (name, _visible_only(imgs[r], masks[name][r].cpu().numpy(), patch)) for name in names]
@@ -45,5 +47,4 @@ def masked_views_figure(images: torch.Tensor, masks: dict[str, torch.Tensor], pa
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
