@@ -7,8 +7,6 @@ import socket
 import warnings
 from pathlib import Path
 
-import pytest
-
 from micl.config import load_config
 from micl.driver import check
 from micl.tracking import RunLogger, tracking_uri
