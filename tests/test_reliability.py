@@ -43,8 +43,13 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, tmp_path):
     restarts = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id,
                                                                    "restarts")}
     assert restarts == {1: 0, 2: 1, 3: 1}
-    checkpoints = [p for p in (tmp_path / "runs" / "killed").glob("checkpoint_*") if p.is_dir()]
-    assert len(checkpoints) == cfg.run.keep_last  # older ones deleted
+    # run.keep_last = 2: the checkpoints of epochs 2 and 3 are kept, epoch 1's is deleted. One
+    # exception, pinned down here and stated in docs/reference.md: when the kill comes within
+    # Ray Train's 2 s poll after a report, the restart resumes from that checkpoint through the
+    # storage fallback, and Ray Train, which never registered it, never deletes it either.
+    epochs = sorted(torch.load(p / STATE_FILE, weights_only=False)["epoch"]
+                    for p in (tmp_path / "runs" / "killed").glob("checkpoint_*") if p.is_dir())
+    assert epochs in ([2, 3], [1, 2, 3]), epochs
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
