@@ -9,7 +9,6 @@ here, before Ray starts, with errors that name the field.
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 import uuid
@@ -56,19 +55,9 @@ def check(cfg: Config, preflight: bool = False) -> Config:
     """Validate every field: the generic ones, the data source's and the method's (which also
     records the method's defaults in cfg). `preflight` also checks what the method loads."""
     cfg.validate()
-    import_plugins(cfg)
+    objectives.import_plugins(cfg)
     check_source(cfg)
     return objectives.check(cfg, preflight=preflight)
-
-
-def import_plugins(cfg: Config) -> None:
-    """Import `run.import_modules` (their `@register` / `@source` run on import)."""
-    for name in cfg.run.import_modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(f"config error: run.import_modules = {cfg.run.import_modules!r}: "
-                              f"cannot import {name!r} ({e})") from None
 
 
 def resolve(cfg: Config) -> Config:

@@ -12,7 +12,6 @@ The pieces that are not about pre-training (`resume`, `save_and_report`, `run_lo
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import tempfile
 import time
@@ -39,7 +38,7 @@ from micl.data.sources import DataError
 from micl.data.stream import NAMESPACE, epoch_clock
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
-from micl.objectives import Objective, build_objective
+from micl.objectives import Objective, build_objective, import_plugins
 from micl.plots import masked_views_figure
 from micl.tracking import RunLogger, tracking_uri
 
@@ -104,8 +103,7 @@ class TrainState:
 
 
 def worker_context(cfg: Config) -> Worker:
-    for module in cfg.run.import_modules:  # methods defined outside micl register on import
-        importlib.import_module(module)
+    import_plugins(cfg)  # methods defined outside micl register on import
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if cfg.run.torch_threads:
@@ -191,7 +189,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer,
     gradients are always cleared at the end: nothing carries into the next step or epoch.
     """
     n = len(micro_batches)
-    loss_sum = torch.zeros(())
+    losses: list[torch.Tensor] = []
     metric_sums: dict[str, torch.Tensor] = {}
     images = 0
     for i, batch in enumerate(micro_batches):
@@ -202,16 +200,17 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer,
                             enabled=autocast_dtype is not None), no_sync:
             loss, metrics = model(batch)
             (loss / n).backward()
-        loss_sum = loss_sum.to(device) + loss.detach().float()
+        losses.append(loss.detach().float())
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + torch.as_tensor(v).detach().float()
         images += batch["image"].shape[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
-    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    loss = torch.stack(losses).mean()
+    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))  # the step's one host sync
     if finite:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return StepResult(loss_sum / n, {k: v / n for k, v in metric_sums.items()}, images, finite)
+    return StepResult(loss, {k: v / n for k, v in metric_sums.items()}, images, finite)
 
 
 def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -320,27 +319,29 @@ def wrap_model(model: torch.nn.Module, w: Worker) -> torch.nn.Module:
 
 @dataclass
 class EpochSums:
-    """This worker's sums over the applied steps of an epoch (all-reduced by close_epoch)."""
+    """This worker's sums over the applied steps of an epoch (all-reduced by close_epoch). The
+    loss and metric sums stay tensors on the device until `reduce`: no host sync per step."""
 
-    loss: float = 0.0
+    loss: torch.Tensor | float = 0.0
     steps: int = 0
     images: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
     seconds: float = 0.0
     lr: float = 0.0
 
     def add(self, result: StepResult) -> None:
-        self.loss += result.loss.item()
+        self.loss = self.loss + result.loss
         self.steps += 1
         self.images += result.images
         for k, v in result.metrics.items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + v.item()
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
 
     def reduce(self, device: torch.device) -> EpochSums:
         """Sums over all workers (every worker has the same metric names)."""
         names = sorted(self.metrics)
         values = [self.loss, self.steps, self.images, *(self.metrics[k] for k in names)]
-        t = torch.tensor(values, dtype=torch.float64, device=device)
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                         for v in values])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t)
         loss, steps, images, *rest = t.tolist()

@@ -159,7 +159,8 @@ def test_the_storage_fallback_takes_the_newest_complete_checkpoint(tmp_path):
             (run_dir / name / file).write_bytes(data)
     found = latest_checkpoint_on_storage(str(run_dir))
     assert Path(found.path).name == "checkpoint_2026-01-02_00-00-00.000001"
-    assert latest_checkpoint_on_storage(run_dir.as_uri()).path.endswith("00-00-00.000001")
+    assert latest_checkpoint_on_storage(run_dir.as_uri()).path.endswith(
+        "checkpoint_2026-01-02_00-00-00.000001")  # the same through a file:// URI
     assert latest_checkpoint_on_storage(str(tmp_path / "missing")) is None
 
 

@@ -14,11 +14,12 @@ from micl.objectives.base import (
     Objective,
     build_objective,
     check,
+    import_plugins,
     method_error,
     objective_class,
     register,
     stream_spec,
 )
 
-__all__ = ["OBJECTIVES", "MethodArgs", "Objective", "build_objective", "check", "method_error",
-           "objective_class", "register", "stream_spec"]
+__all__ = ["OBJECTIVES", "MethodArgs", "Objective", "build_objective", "check", "import_plugins",
+           "method_error", "objective_class", "register", "stream_spec"]

@@ -9,6 +9,7 @@ its own `check`), the stream it needs (`stream_spec`: image views and mask sampl
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -91,6 +92,18 @@ class Objective(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after each optimizer step on every worker (no-op by default)."""
+
+
+def import_plugins(cfg: Config) -> None:
+    """Import `run.import_modules`: a method (or source) defined outside micl registers itself
+    on import. The driver calls this before checking the config, every worker before building
+    the objective."""
+    for name in cfg.run.import_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"config error: run.import_modules = {cfg.run.import_modules!r}: "
+                              f"cannot import {name!r} ({e})") from None
 
 
 def objective_class(cfg: Config) -> type[Objective]:
