@@ -106,7 +106,32 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     grad_accum_steps: int = 1
     clip_grad: float | None = None
+    min_lr: float = 0.0  # the cosine schedule ends here (MAE fine-tuning: 1e-6)
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (checkpoint first) or "skip"
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning of a pre-trained encoder (`pipelines/finetune.py`), MAE's recipe
+    by default (FINETUNE.md, which MiCL's code follows). Pre-training ignores this section."""
+
+    init: str = "scratch"  # "scratch", an MLflow run id, or a checkpoint / exported encoder path
+    num_classes: int | None = None  # None: the data source's class count
+    global_pool: str = "avg"  # "avg": mean of patch tokens + fc_norm (MAE); "token": cls token
+    drop_path: float = 0.1  # stochastic depth: ViT-B 0.1, ViT-L 0.2, ViT-H 0.3
+    layer_decay: float = 0.75  # lr scale per layer from the head down: ViT-B 0.65, ViT-L 0.75
+    head_init_std: float = 2e-5  # trunc-normal std of the new linear head
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    mixup_prob: float = 1.0  # chance that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # chance of CutMix instead of Mixup when both are on
+    randaug: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment config string; "" for none
+    reprob: float = 0.25  # random-erasing probability (per image, on the device)
+    eval_crop_pct: float = 0.875  # eval: centre crop of this fraction (resize 256 -> crop 224)
+    label_fraction: float = 1.0  # low-shot: train on this fixed fraction of the train labels
+    label_seed: int = 0  # picks the low-shot subset (the same seed gives the same images)
+    experiment: str = "micl-finetune"  # the MLflow experiment of fine-tuning runs
 
 
 @dataclass
@@ -137,6 +162,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunSettings = field(default_factory=RunSettings)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain values; the method's args sit beside its name, as in the YAML."""
@@ -171,6 +197,7 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     _validate_optim(cfg.optim)
     _validate_run(cfg.run)
+    _validate_finetune(cfg.finetune)
     if not isinstance(cfg.method.name, str) or not cfg.method.name:
         raise _err("method.name", cfg.method.name, "must be a method name")
 
@@ -217,6 +244,8 @@ def _validate_optim(o: OptimConfig) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(o, key) < 1:
             raise _err(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
+    if o.min_lr < 0:
+        raise _err("optim.min_lr", o.min_lr, "must be >= 0")
     if o.nonfinite not in ("stop", "skip"):
         raise _err("optim.nonfinite", o.nonfinite, "choose 'stop' or 'skip'")
 
@@ -230,6 +259,28 @@ def _validate_run(r: RunSettings) -> None:
     _positive("run.keep_last", r.keep_last)
     if r.max_failures < -1:
         raise _err("run.max_failures", r.max_failures, "must be >= -1 (-1 retries forever)")
+
+
+def _validate_finetune(f: FinetuneConfig) -> None:
+    if not isinstance(f.init, str) or not f.init:
+        raise _err("finetune.init", f.init, "'scratch', an MLflow run id or a checkpoint path")
+    _positive("finetune.num_classes", f.num_classes, allow_none=True)
+    if f.global_pool not in ("avg", "token"):
+        raise _err("finetune.global_pool", f.global_pool, "choose 'avg' or 'token'")
+    for key in ("drop_path", "label_smoothing", "mixup_prob", "mixup_switch_prob", "reprob"):
+        if not 0 <= getattr(f, key) <= 1:
+            raise _err(f"finetune.{key}", getattr(f, key), "must be in [0, 1]")
+    if not 0 < f.layer_decay <= 1:
+        raise _err("finetune.layer_decay", f.layer_decay, "must be in (0, 1] (1: no decay)")
+    for key in ("mixup", "cutmix", "head_init_std"):
+        if getattr(f, key) < 0:
+            raise _err(f"finetune.{key}", getattr(f, key), "must be >= 0")
+    for key in ("eval_crop_pct", "label_fraction"):
+        if not 0 < getattr(f, key) <= 1:
+            raise _err(f"finetune.{key}", getattr(f, key), "must be in (0, 1]")
+    if f.randaug and not f.randaug.startswith("rand-"):
+        raise _err("finetune.randaug", f.randaug,
+                   "a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', or '' for none")
 
 
 def merge_fields(obj: Any, values: dict[str, Any], prefix: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,21 +129,35 @@ def fit_actors(run_name: str) -> tuple[str, str]:
 def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
                   hooks: Sequence[StepHook] = (), callbacks: list | None = None
                   ) -> TorchTrainer:
-    """A TorchTrainer for a checked and resolved cfg (see `check`, `resolve`)."""
+    """A pre-training TorchTrainer for a checked and resolved cfg (see `check`, `resolve`)."""
     train, num_train = train_set(cfg)
+    spec = loop_spec(cfg, run_name, num_train, mlflow_run_id, hooks)
+    datasets = {"train": train_stream(train, cfg, spec.clock_name, objectives.stream_spec(cfg)),
+                **knn_sets(cfg)}
+    return torch_trainer(train_loop_per_worker, spec, cfg, run_name, datasets, ["train"],
+                         callbacks)
+
+
+def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | None,
+              hooks: Sequence[StepHook] = ()) -> LoopSpec:
+    """What every worker of a fit gets, with a fresh epoch clock and start counter."""
     clock_name, starts_name = fit_actors(run_name)
-    spec = LoopSpec(config=cfg.to_dict(), num_train=num_train,
+    return LoopSpec(config=cfg.to_dict(), num_train=num_train,
                     run_dir=f"{cfg.run.storage_path.rstrip('/')}/{run_name}",
                     clock_name=clock_name, starts_name=starts_name,
                     mlflow_run_id=mlflow_run_id, hooks=tuple(hooks))
-    datasets = {"train": train_stream(train, cfg, clock_name, objectives.stream_spec(cfg)),
-                **knn_sets(cfg)}
+
+
+def torch_trainer(loop: Callable[[Any], None], loop_config: Any, cfg: Config, run_name: str,
+                  datasets: dict[str, ray.data.Dataset], datasets_to_split: list[str],
+                  callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention."""
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=spec,
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker=resources),
@@ -153,7 +167,7 @@ def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
             callbacks=callbacks),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=datasets_to_split),
     )
 
 
@@ -166,16 +180,11 @@ def root_cause(error: BaseException) -> str:
     return text[-1] if text else type(seen).__name__
 
 
-def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResult:
-    """Fit a TorchTrainer for cfg, resuming when cfg.run.name names an earlier run. `hooks`
-    run after every optimizer step on every worker (they must be importable there)."""
-    cfg = resolve(check(cfg, preflight=True))
-    connect_ray()
-    run_name = cfg.run.name or default_run_name(cfg)
-    mlflow_run_id = open_run(cfg, run_name)
-    logger = RunLogger(cfg.run.tracking_uri, mlflow_run_id) if mlflow_run_id else None
+def fit_tracked(build: Callable[[], TorchTrainer], logger: RunLogger | None) -> ray.train.Result:
+    """Build and fit a trainer; the MLflow run ends FINISHED or FAILED either way (a data error
+    found while building included), and a worker failure becomes one readable PretrainError."""
     try:
-        result = build_trainer(cfg, run_name, mlflow_run_id, hooks).fit()
+        result = build().fit()
     except Exception as e:  # Ray wraps worker errors several levels deep
         if logger:
             logger.end("FAILED")
@@ -184,6 +193,18 @@ def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResu
         raise PretrainError(f"training failed: {root_cause(e)}") from e
     if logger:
         logger.end("FINISHED")
+    return result
+
+
+def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResult:
+    """Fit a TorchTrainer for cfg, resuming when cfg.run.name names an earlier run. `hooks`
+    run after every optimizer step on every worker (they must be importable there)."""
+    cfg = resolve(check(cfg, preflight=True))
+    connect_ray()
+    run_name = cfg.run.name or default_run_name(cfg)
+    mlflow_run_id = open_run(cfg, run_name)
+    logger = RunLogger(cfg.run.tracking_uri, mlflow_run_id) if mlflow_run_id else None
+    result = fit_tracked(lambda: build_trainer(cfg, run_name, mlflow_run_id, hooks), logger)
     return PretrainResult(
         run_name=run_name, mlflow_run_id=mlflow_run_id, tracking_uri=cfg.run.tracking_uri,
         metrics=dict(result.metrics or {}),

@@ -14,7 +14,9 @@ from typing import Any
 from micl.config import Config, to_yaml
 
 RUN_NAME_TAG = "micl.run_name"  # the Ray Train run name: resuming it reuses the MLflow run
-ROLE_TAG = "micl.role"  # "train", "search" (a Tune parent) or "trial" (a Tune child)
+ROLE_TAG = "micl.role"  # "train", "search" (a Tune parent), "trial" (a Tune child), "finetune"
+PRETRAIN_RUN_TAG = "micl.pretrain_run_id"  # on a fine-tuning run: the run it started from
+FINETUNE_RUN_TAG = "micl.finetune_run_id"  # on a pre-training run: its latest fine-tuning run
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
@@ -104,14 +106,21 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
+def pretrain_params(cfg: Config) -> dict[str, Any]:
+    """The flattened config of a pre-training run (the fine-tuning section does not apply)."""
+    return {k: v for k, v in cfg.flat().items() if not k.startswith("finetune.")}
+
+
 def start_or_resume_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None,
-                        parent_run_id: str | None = None, resume: bool = True) -> str:
+                        parent_run_id: str | None = None, resume: bool = True,
+                        experiment: str | None = None, params: dict[str, Any] | None = None
+                        ) -> str:
     """The MLflow run of this Ray Train run: reused when a run with the same name exists (a
-    resumed run keeps one MLflow history) and `resume`, else created with the flattened config
-    as params."""
+    resumed run keeps one MLflow history) and `resume`, else created in `experiment` (default
+    run.experiment) with `params` (default: the pre-training config, flattened)."""
     uri = tracking_uri(cfg)
     client = mlflow_client(uri)
-    exp_id = get_or_create_experiment(uri, cfg.run.experiment)
+    exp_id = get_or_create_experiment(uri, experiment or cfg.run.experiment)
     found = resume and client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                           max_results=1)
     if found:
@@ -123,7 +132,7 @@ def start_or_resume_run(cfg: Config, run_name: str, tags: dict[str, str] | None 
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    log_params(client, run.info.run_id, cfg.flat())
+    log_params(client, run.info.run_id, pretrain_params(cfg) if params is None else params)
     return run.info.run_id
 
 
@@ -169,6 +178,14 @@ class RunLogger:
             mlflow_client(self.uri).log_batch(self.run_id, metrics=items)
 
         self._guard("metrics", log)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        def log() -> None:
+            client = mlflow_client(self.uri)
+            for key, value in tags.items():
+                client.set_tag(self.run_id, key, str(value))
+
+        self._guard("tags", log)
 
     def artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self._guard(f"artifact {local_path}", lambda: mlflow_client(self.uri).log_artifact(

@@ -143,12 +143,13 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, world: int, on_gpu: boo
                              fused=on_gpu or None)
 
 
-def lr_at(epoch: float, peak_lr: float, warmup_epochs: float, epochs: int) -> float:
-    """Per-step linear warmup, then half-cycle cosine to 0 (epoch is fractional)."""
+def lr_at(epoch: float, peak_lr: float, warmup_epochs: float, epochs: int,
+          min_lr: float = 0.0) -> float:
+    """Per-step linear warmup, then half-cycle cosine to min_lr (epoch is fractional)."""
     if epoch < warmup_epochs:
         return peak_lr * epoch / warmup_epochs
     progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def steps_per_epoch(num_train: int, cfg: Config, world_size: int) -> int:
@@ -365,9 +366,9 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
     peak = base_lr(cfg, w.world)
     for micro in grouped(stream_batches(cfg, w, state, logger), cfg.optim.grad_accum_steps):
         sums.lr = lr_at(min(state.step / per_epoch, state.epoch + 1), peak,
-                        cfg.optim.warmup_epochs, cfg.optim.epochs)
-        for group in opt.param_groups:
-            group["lr"] = sums.lr
+                        cfg.optim.warmup_epochs, cfg.optim.epochs, cfg.optim.min_lr)
+        for group in opt.param_groups:  # lr_scale: layer-wise decay (fine-tuning)
+            group["lr"] = sums.lr * group.get("lr_scale", 1.0)
         result = train_step(model, opt, micro, cfg.optim.clip_grad, w.autocast_dtype)
         if not result.finite:
             if cfg.optim.nonfinite != "skip":
@@ -396,9 +397,10 @@ def stream_batches(cfg: Config, w: Worker, state: TrainState, logger: RunLogger 
         yield to_device(raw, cfg, w.device)
 
 
-def close_epoch(sums: EpochSums, model: torch.nn.Module, cfg: Config, spec: LoopSpec,
-                state: TrainState, w: Worker) -> dict[str, Any]:
-    """All-reduce the epoch's sums, enforce data.max_bad_fraction, evaluate kNN when due."""
+def epoch_metrics(sums: EpochSums, cfg: Config, spec: LoopSpec, state: TrainState, w: Worker
+                  ) -> dict[str, Any]:
+    """All-reduce the epoch's sums, enforce data.max_bad_fraction, count the epoch done; the
+    metrics every loop reports."""
     total = sums.reduce(w.device)
     skipped, examples = ray.get(epoch_clock(spec.clock_name).skipped.remote(state.epoch))
     if skipped > cfg.data.max_bad_fraction * spec.num_train:
@@ -411,17 +413,26 @@ def close_epoch(sums: EpochSums, model: torch.nn.Module, cfg: Config, spec: Loop
                            f"data.batch_size = {cfg.data.batch_size} is larger than each "
                            "worker's share of the data")
     state.epoch += 1
-    metrics: dict[str, Any] = {
-        "epoch": state.epoch, "step": state.step, **total.means(), "lr": total.lr,
-        "images_per_s": total.images / max(total.seconds, 1e-9), "skipped": skipped,
-        "restarts": state.restarts, "skipped_steps": state.skipped_steps}
+    return {"epoch": state.epoch, "step": state.step, **total.means(), "lr": total.lr,
+            "images_per_s": total.images / max(total.seconds, 1e-9), "skipped": skipped,
+            "restarts": state.restarts, "skipped_steps": state.skipped_steps}
+
+
+def print_epoch(metrics: dict[str, Any], cfg: Config, w: Worker) -> None:
+    if w.rank == 0:
+        print(f"[micl] epoch {metrics['epoch']}/{cfg.optim.epochs} " + " ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+
+
+def close_epoch(sums: EpochSums, model: torch.nn.Module, cfg: Config, spec: LoopSpec,
+                state: TrainState, w: Worker) -> dict[str, Any]:
+    """The epoch's metrics, with kNN on rank 0 when due."""
+    metrics = epoch_metrics(sums, cfg, spec, state, w)
     if w.rank == 0 and (state.epoch % cfg.run.eval_every == 0 or state.epoch == cfg.optim.epochs):
         metrics["knn_top1"] = evaluate_knn(unwrap(model).encoder, cfg, w)
     if state.knn_init is not None:
         metrics["knn_top1_init"] = state.knn_init
-    if w.rank == 0:
-        print(f"[micl] epoch {state.epoch}/{cfg.optim.epochs} " + " ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+    print_epoch(metrics, cfg, w)
     return metrics
 
 

@@ -17,7 +17,7 @@ LAYERS = [
     ["micl.objectives"],
     ["micl.train"],
     ["micl.driver"],
-    ["micl.tune_space", "micl.tune", "micl.compare", "micl.figures"],
+    ["micl.tune_space", "micl.tune", "micl.compare", "micl.figures", "micl.finetune"],
 ]
 
 

@@ -11,8 +11,11 @@ dataset see the same sequence of choices (saturation, hue and grayscale are no-o
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.4, 0.1
 P_JITTER, P_GRAY, P_BLUR = 0.8, 0.2, 0.5
@@ -59,3 +62,38 @@ def strong_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         sigma = rng.uniform(*BLUR_SIGMA_224) * scale
         img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
     return img
+
+
+class RandAugment:
+    """timm's RandAugment for a config string such as "rand-m9-mstd0.5-inc1" (MAE's fine-tuning
+    recipe), made reproducible: timm draws from Python's and numpy's global generators, which
+    are seeded from the sample's generator before each image. Grayscale images are augmented as
+    RGB and converted back (timm's fill colours are RGB)."""
+
+    def __init__(self, config_str: str, img_size: int, mean: Sequence[float]) -> None:
+        from PIL.Image import Resampling
+        from timm.data.auto_augment import rand_augment_transform
+
+        rgb_mean = list(mean) * 3 if len(mean) == 1 else list(mean)
+        hparams = {"translate_const": int(img_size * 0.45),  # timm's create_transform values
+                   "img_mean": tuple(min(255, round(255 * m)) for m in rgb_mean),
+                   "interpolation": Resampling.BICUBIC}
+        self.config_str = config_str
+        self.transform = rand_augment_transform(config_str, hparams)
+        for op in self.transform.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_at_least_1_bit
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        seed = int(rng.integers(2**32))
+        random.seed(seed)
+        np.random.seed(seed)
+        if img.mode == "L":
+            return self.transform(img.convert("RGB")).convert("L")
+        return self.transform(img)
+
+
+def posterize_at_least_1_bit(img: Image.Image, bits: int, **_: object) -> Image.Image:
+    """timm's posterize for Pillow >= 10: at the top magnitudes timm asks for 0 bits, which
+    old Pillow turned into a black image and Pillow 10+ refuses; 1 bit is the nearest."""
+    return img if bits >= 8 else ImageOps.posterize(img, max(1, int(bits)))

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from PIL import Image
 
 from micl.config import Config
-from micl.data.augment import strong_augment
+from micl.data.augment import RandAugment, strong_augment
 from micl.data.masking import sample_rng
 from micl.data.sources import DataError, source_for
 from micl.data.transforms import (
@@ -131,12 +132,24 @@ def _call_clock(name: str, method: str, *args: Any) -> Any:
 
 # ----------------------------------------------------------------------------- streams
 
+Augment = Callable[[Image.Image, np.random.Generator], Image.Image]
+
 # A view's augmentation after the crop and flip: "weak" adds nothing, "strong" is MACRL's
-# photometric recipe. A method that needs a new kind of view adds one entry here.
-AUGMENTATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image] | None] = {
+# photometric recipe, and a timm RandAugment string ("rand-m9-mstd0.5-inc1") is fine-tuning's.
+# A method that needs a new kind of view adds one entry here.
+AUGMENTATIONS: dict[str, Augment | None] = {
     "weak": None,
     "strong": strong_augment,
 }
+
+
+def make_augment(name: str, cfg: Config) -> Augment | None:
+    if name in AUGMENTATIONS:
+        return AUGMENTATIONS[name]
+    if name.startswith("rand-"):
+        return RandAugment(name, cfg.model.img_size, cfg.data.mean)
+    raise ValueError(f"unknown augmentation {name!r}; known: {sorted(AUGMENTATIONS)} or a "
+                     "timm RandAugment string such as 'rand-m9-mstd0.5-inc1'")
 
 MaskSampler = Callable[[np.random.Generator], dict[str, np.ndarray]]
 
@@ -167,9 +180,6 @@ def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: Stre
     sample, the views are drawn in column order, then the masks.
     """
     _check_shape_config(cfg)
-    unknown = sorted(set(spec.views.values()) - set(AUGMENTATIONS))
-    if unknown:
-        raise ValueError(f"unknown augmentation {unknown}; known: {sorted(AUGMENTATIONS)}")
     mapper = _TrainMapper(cfg, epoch, spec)
     # An ImageFolder's read blocks hold map_batch_size files, a Parquet read block one shard:
     # mapping whole blocks lets Ray fuse the read into this task (a fixed batch_size keeps
@@ -179,14 +189,42 @@ def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: Stre
                           num_cpus=cfg.data.data_cpus)
 
 
-def eval_stream(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
-    """Evaluation batches: decode, shorter side to img_size, centre crop; no randomness.
+def label_subset(sample_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which samples a low-shot run keeps: bool [N], about `fraction` of them. The choice is a
+    hash of (seed, sample_id), not a draw, so the subset is the same whatever the order,
+    sharding or execution, and for one seed the 1% subset lies inside the 10% one."""
+    if fraction >= 1:
+        return np.ones(len(sample_ids), bool)
+    with np.errstate(over="ignore"):  # splitmix64: wrapping uint64 arithmetic is the point
+        x = np.asarray(sample_ids).astype(np.uint64)
+        x = x + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x < np.uint64(int(fraction * 2**64))
+
+
+def keep_label_subset(ds: ray.data.Dataset, fraction: float, seed: int) -> ray.data.Dataset:
+    """`load_split` rows restricted to `label_subset` (before decoding: a filter on ids)."""
+    if fraction >= 1:
+        return ds
+
+    def keep(batch: pa.Table) -> pa.Table:
+        ids = batch.column("sample_id").to_numpy()
+        return batch.filter(pa.array(label_subset(ids, fraction, seed)))
+
+    return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
+
+
+def eval_stream(ds: ray.data.Dataset, cfg: Config, crop_pct: float = 1.0) -> ray.data.Dataset:
+    """Evaluation batches: decode, shorter side to img_size / crop_pct, centre crop img_size;
+    no randomness.
 
     Columns: image uint8 [B, C, H, W], label int64 [B], sample_id int64 [B]. Bad rows are
     dropped (not counted: the training stream reports them).
     """
     _check_shape_config(cfg)
-    return ds.map_batches(_EvalMapper(cfg), batch_size=cfg.data.map_batch_size,
+    return ds.map_batches(_EvalMapper(cfg, crop_pct), batch_size=cfg.data.map_batch_size,
                           batch_format="numpy", num_cpus=cfg.data.data_cpus)
 
 
@@ -207,7 +245,8 @@ class _TrainMapper:
         self.cfg = cfg
         self.epoch = epoch
         self.spec = spec
-        self.views = spec.views  # column -> "weak" | "strong"
+        self.views = spec.views  # column -> "weak" | "strong" | "rand-..."
+        self.augments = {col: make_augment(name, cfg) for col, name in spec.views.items()}
         self.seed = cfg.run.seed
         self.size = cfg.model.img_size
         self.channels = cfg.model.in_chans
@@ -236,8 +275,8 @@ class _TrainMapper:
             if img is None:
                 continue
             rng = sample_rng(self.seed, epoch, int(sample_ids[i]))
-            for col, augmentation in self.views.items():
-                outs[col][kept] = self._view(img, augmentation, rng)
+            for col in self.views:
+                outs[col][kept] = self._view(img, self.augments[col], rng)
             keep[i] = True
             kept += 1
             for k, v in self.spec.draw_masks(rng).items():
@@ -266,15 +305,15 @@ class _TrainMapper:
             result[k] = np.stack(rows).astype(np.int64, copy=False) if rows else self.empty_masks[k]
         return result
 
-    def _view(self, img: Image.Image, augmentation: str, rng: np.random.Generator) -> np.ndarray:
-        """One augmented view: RandomResizedCrop, flip, and for "strong" colour jitter,
-        grayscale and blur. Returns uint8 [C, H, W]."""
+    def _view(self, img: Image.Image, augment: Augment | None, rng: np.random.Generator
+              ) -> np.ndarray:
+        """One augmented view: RandomResizedCrop, flip, then the view's augmentation (e.g.
+        "strong": colour jitter, grayscale and blur). Returns uint8 [C, H, W]."""
         w, h = img.size
         box = random_resized_crop_params(h, w, self.scale, _CROP_RATIO, rng)
         a = crop_resize_fast(img, box, self.size)  # [H, W(, C)]
         if self.hflip and rng.random() < 0.5:
             a = a[:, ::-1]
-        augment = AUGMENTATIONS[augmentation]
         if augment is not None:
             a = np.asarray(augment(Image.fromarray(np.ascontiguousarray(a)), rng))
         return a.transpose(2, 0, 1) if a.ndim == 3 else a  # [C, H, W]
@@ -283,10 +322,12 @@ class _TrainMapper:
 class _EvalMapper:
     """The per-batch function of `eval_stream`."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, crop_pct: float = 1.0) -> None:
         self.size = cfg.model.img_size
         self.channels = cfg.model.in_chans
         self.mode = mode_for(self.channels)
+        self.crop_pct = crop_pct
+        self.draft = math.ceil(self.size / crop_pct)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
@@ -295,11 +336,12 @@ class _EvalMapper:
         keep = np.zeros(n, bool)
         j = 0
         for i in range(n):
-            img = to_pil(images[i], self.mode, self.size)
+            img = to_pil(images[i], self.mode, self.draft)
             if img is None:
                 continue
             w, h = img.size
-            a = np.asarray(img.resize((self.size, self.size), _BICUBIC, box=center_box(h, w)))
+            box = center_box(h, w, self.crop_pct)
+            a = np.asarray(img.resize((self.size, self.size), _BICUBIC, box=box))
             out[j] = a.transpose(2, 0, 1) if a.ndim == 3 else a
             keep[i] = True
             j += 1

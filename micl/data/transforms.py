@@ -185,10 +185,11 @@ def crop_resize_fast(img: Image.Image | np.ndarray, box: tuple[int, int, int, in
     return out if a.ndim == 3 else out[:, :, 0]
 
 
-def center_box(h: int, w: int) -> Box:
-    """The centred square of side min(h, w): resizing it to size x size equals "resize the
-    shorter side to size, then centre-crop size x size"."""
-    s = min(h, w)
+def center_box(h: int, w: int, crop_pct: float = 1.0) -> Box:
+    """The centred square of side crop_pct * min(h, w): resizing it to size x size equals
+    "resize the shorter side to size / crop_pct, then centre-crop size x size" (crop_pct 0.875:
+    ImageNet's resize 256, crop 224)."""
+    s = min(h, w) * crop_pct
     left, top = (w - s) / 2, (h - s) / 2
     return (left, top, left + s, top + s)
 
