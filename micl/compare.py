@@ -28,7 +28,7 @@ from micl.tracking import use_tracking_uri
 
 DEFAULT_EXPERIMENT = "micl-pretrain"
 # Metrics shown when present, in this order (the ranking metric always comes first).
-KEY_METRICS = ("knn_top1", "linear_top1", "loss", "images_per_s", "epoch")
+KEY_METRICS = ("knn_top1", "linear_top1", "finetune_top1", "loss", "images_per_s", "epoch")
 # Params that say where a run lives, not what it trained: they differ between any two runs and
 # would only clutter the table.
 BOOKKEEPING_PARAMS = ("run.name", "run.storage_path", "run.tracking_uri", "run.experiment")

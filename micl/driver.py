@@ -27,7 +27,14 @@ from micl import objectives
 from micl.artifacts import load_encoder
 from micl.config import Config, ConfigError, with_overrides
 from micl.data.sources import check_source, load_split, split_size
-from micl.data.stream import NAMESPACE, EpochClock, eval_stream, train_stream
+from micl.data.stream import (
+    NAMESPACE,
+    EpochClock,
+    eval_stream,
+    keep_label_subset,
+    subset_suffix,
+    train_stream,
+)
 from micl.evaluate import extract_features, knn_top1, linear_probe
 from micl.tracking import RunLogger, open_run
 from micl.tracking import tracking_uri as default_tracking_uri
@@ -214,6 +221,14 @@ def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResu
 
 # ----------------------------------------------------------------------------- evaluation
 
+
+def low_shot_features(encoder: torch.nn.Module, cfg: Config, device: torch.device,
+                      fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw cls features [N, D] and labels of a fixed `fraction` of the whole train split."""
+    subset = keep_label_subset(load_split(cfg, cfg.data.train_split), fraction, seed)
+    return extract_features(encoder, eval_stream(subset, cfg).iter_torch_batches(batch_size=512),
+                            cfg.data.mean, cfg.data.std, device, l2=False)
+
 PROTOCOLS = ("knn", "linear")
 
 
@@ -230,7 +245,8 @@ class EvalResult:
 def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
                  protocols: Sequence[str] = PROTOCOLS, overrides: Sequence[str] = (),
                  tracking_uri: str | None = None, log: bool = True,
-                 linear_epochs: int = 90) -> EvalResult:
+                 linear_epochs: int = 90, label_fraction: float = 1.0, label_seed: int = 0
+                 ) -> EvalResult:
     """Evaluate the encoder of a finished run: kNN top-1 and/or linear-probe top-1.
 
     The encoder comes from the MLflow run `run_id` (exported weights + params) or from
@@ -239,11 +255,16 @@ def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
     the weights) on top. The sets are the training loop's kNN sets, so `knn_top1` here
     reproduces the run's. The metrics go to the ORIGINAL MLflow run (run_id, or the run a
     checkpoint records) at step = the epoch of the weights; log=False only returns them.
+
+    Low-shot (label_fraction < 1): the linear probe trains on that fixed fraction of the whole
+    train split (`data.stream.label_subset`, seeded by label_seed) and logs `linear_top1_<p>pct`.
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
         raise ConfigError(f"config error: protocols = {list(protocols)!r}: choose from "
                           f"{list(PROTOCOLS)}")
+    if not 0 < label_fraction <= 1:
+        raise ConfigError(f"config error: label_fraction = {label_fraction}: must be in (0, 1]")
     if any(o.strip().startswith("model.") for o in overrides):
         raise ConfigError("config error: model.*: the architecture comes from the weights")
     loaded = load_encoder(run_id=run_id, checkpoint=checkpoint,
@@ -265,8 +286,10 @@ def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
         metrics["knn_top1"] = knn_top1(F.normalize(bank, dim=-1), bank_labels,
                                        F.normalize(query, dim=-1), query_labels)
     if "linear" in protocols:
-        metrics["linear_top1"] = linear_probe(bank, bank_labels, query, query_labels,
-                                              epochs=linear_epochs, seed=cfg.run.seed)
+        train, train_labels = (bank, bank_labels) if label_fraction >= 1 else \
+            low_shot_features(encoder, cfg, device, label_fraction, label_seed)
+        metrics["linear_top1" + subset_suffix(label_fraction)] = linear_probe(
+            train, train_labels, query, query_labels, epochs=linear_epochs, seed=cfg.run.seed)
     target_run, step = run_id or loaded.run_id, int(loaded.epoch or 0)
     log_uri = tracking_uri or default_tracking_uri(cfg if run_id is None else None)
     if log and target_run:

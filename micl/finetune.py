@@ -42,7 +42,13 @@ from torch import nn
 from micl.artifacts import PretrainedEncoder, load_encoder
 from micl.config import Config, ConfigError, ModelConfig, from_dict
 from micl.data.sources import check_source, class_names, load_split
-from micl.data.stream import StreamSpec, eval_stream, keep_label_subset, train_stream
+from micl.data.stream import (
+    StreamSpec,
+    eval_stream,
+    keep_label_subset,
+    subset_suffix,
+    train_stream,
+)
 from micl.data.transforms import normalize
 from micl.driver import (
     connect_ray,
@@ -104,9 +110,11 @@ class Classifier(nn.Module):
                            num_classes=num_classes) if f.mixup or f.cutmix else None
         self.erase = RandomErasing(f.reprob, mode="pixel", max_count=1, device="cpu") \
             if f.reprob else None
-        self.criterion = SoftTargetCrossEntropy() if self.mixup else \
-            LabelSmoothingCrossEntropy(f.label_smoothing) if f.label_smoothing else \
-            nn.CrossEntropyLoss()
+        # Mixup's targets are soft (label smoothing included); hard labels otherwise, and
+        # always outside training.
+        self.hard_criterion = LabelSmoothingCrossEntropy(f.label_smoothing) \
+            if f.label_smoothing else nn.CrossEntropyLoss()
+        self.criterion = SoftTargetCrossEntropy() if self.mixup else self.hard_criterion
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         x, y = batch["image"], batch["label"]  # x: [B, C, H, W] normalised, y: [B]
@@ -116,8 +124,8 @@ class Classifier(nn.Module):
                 x = self.erase(x)
             if self.mixup is not None:
                 x, y = self.mixup(x, y)  # y: [B, num_classes] soft targets
-        logits = self.net(x)
-        return self.criterion(logits.float(), y), {}
+        logits = self.net(x).float()
+        return (self.criterion if self.training else self.hard_criterion)(logits, y), {}
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Nothing to update between steps (no EMA, as in MAE's recipe)."""
@@ -282,18 +290,12 @@ def build_finetune_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None
                          ["train", "val"])
 
 
-def metric_suffix(cfg: Config) -> str:
-    """"" for the full label set, "_10pct" / "_1pct" for a low-shot run."""
-    fraction = cfg.finetune.label_fraction
-    return "" if fraction >= 1 else f"_{fraction * 100:g}pct"
-
-
 def link_runs(cfg: Config, finetune_run: str | None, encoder: PretrainedEncoder | None,
               metrics: dict[str, Any]) -> None:
     """Write the fine-tuning result back to the pre-training run, with a tag to this run."""
     if not (finetune_run and encoder and encoder.run_id and "val_top1" in metrics):
         return
-    suffix = metric_suffix(cfg)
+    suffix = subset_suffix(cfg.finetune.label_fraction)
     logger = RunLogger(cfg.run.tracking_uri, encoder.run_id)
     logger.metrics({f"finetune_top1{suffix}": metrics["val_top1"],
                     f"finetune_top5{suffix}": metrics["val_top5"]}, step=encoder.epoch or 0)

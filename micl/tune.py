@@ -3,7 +3,9 @@
 Each trial is a function that builds and fits a `TorchTrainer` for its config; the trainer's
 reports reach Tune through `TuneReportCallback`. Trials are ranked by a downstream metric
 (`knn_top1`), never by the contrastive loss: losses at different temperatures don't compare.
-One MLflow parent run records the search; each trial is a child run.
+With `rank_by: linear_top1` each trial that finishes is also linear-probed at its end and the
+search ranks by that, while ASHA keeps stopping trials on the per-epoch kNN. One MLflow parent
+run records the search; each trial is a child run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from micl.config import Config, from_dict, to_yaml
-from micl.driver import build_trainer, check, connect_ray, resolve
+from micl.driver import build_trainer, check, connect_ray, evaluate_run, resolve
 from micl.tracking import ROLE_TAG, RunLogger, mlflow_client, start_or_resume_run
 from micl.tune_space import SearchSpace, apply_trial_params
 
@@ -64,7 +66,8 @@ def _search_alg(space: SearchSpace, concurrency: int):
     return None  # random / grid: Tune's BasicVariantGenerator
 
 
-def make_trainable(base: Config, search_name: str, parent_run_id: str):
+def make_trainable(base: Config, search_name: str, parent_run_id: str,
+                   rank_by: str | None = None):
     def train_trial(params: dict[str, Any]) -> None:
         cfg = apply_trial_params(base, params)
         trial_id = tune.get_context().get_trial_id()
@@ -75,7 +78,11 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str):
                                      tags={ROLE_TAG: "trial", SEARCH_TAG: search_name,
                                            "micl.trial_id": trial_id})
         trainer = build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()])
-        trainer.fit()
+        last = dict(trainer.fit().metrics or {})
+        if rank_by == "linear_top1":  # the end-of-trial protocol, logged to the trial's run
+            probe = evaluate_run(run_id=run_id, protocols=("linear",),
+                                 tracking_uri=cfg.run.tracking_uri)
+            tune.report({**last, **probe.metrics})
         RunLogger(cfg.run.tracking_uri, run_id).end("FINISHED")
 
     return train_trial
@@ -93,7 +100,8 @@ def _parent_run(base: Config, name: str, space: SearchSpace, resume: bool) -> st
     logger.text(yaml.safe_dump(space.to_dict(), sort_keys=False), "search_space.yaml")
     client = mlflow_client(base.run.tracking_uri)
     for key, value in (("search.scheduler", space.scheduler), ("search.algorithm", space.search),
-                       ("search.metric", space.metric), ("search.num_trials",
+                       ("search.metric", space.metric),
+                       ("search.rank_by", space.ranking_metric), ("search.num_trials",
                                                           space.num_trials())):
         client.set_tag(parent, key, str(value))
     return parent
@@ -123,7 +131,7 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     path = f"{root.rstrip('/')}/{name}"
     restoring = tune.Tuner.can_restore(path)
     parent = _parent_run(base, name, space, resume=restoring)
-    trainable = tune.with_resources(make_trainable(base, name, parent),
+    trainable = tune.with_resources(make_trainable(base, name, parent, space.rank_by),
                                     {"cpu": 0, "memory": 64 * 2**20})
     concurrency = concurrent_trials(base, space)
     if restoring:
@@ -142,23 +150,23 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     results = tuner.fit()
     _close_stopped_children(uri, parent, base.run.experiment)
 
+    ranking = space.ranking_metric
     trials = []
     for r in results:
         metrics = r.metrics or {}
         trials.append({"params": {k: v for k, v in (r.config or {}).items()},
-                       space.metric: metrics.get(space.metric),
+                       space.metric: metrics.get(space.metric), ranking: metrics.get(ranking),
                        "epochs": metrics.get("epoch"), "error": str(r.error) if r.error else None})
-    scored = [t for t in trials if _finite(t[space.metric])]
-    best = (max if space.mode == "max" else min)(scored, key=lambda t: t[space.metric],
-                                                 default=None)
+    scored = [t for t in trials if _finite(t[ranking])]
+    best = (max if space.mode == "max" else min)(scored, key=lambda t: t[ranking], default=None)
     client = mlflow_client(uri)
     if best is not None:
-        client.log_metric(parent, f"best_{space.metric}", best[space.metric])
+        client.log_metric(parent, f"best_{ranking}", best[ranking])
         client.set_tag(parent, "search.best_params", str(best["params"]))
     client.set_terminated(parent, "FINISHED" if best is not None else "FAILED")
     return SearchResult(name=name, parent_run_id=parent, tracking_uri=uri,
                         best_params=best["params"] if best else {},
-                        best_metric=best[space.metric] if best else None,
+                        best_metric=best[ranking] if best else None,
                         trials=trials, path=str(Path(path)) if "://" not in path else path)
 
 

@@ -11,8 +11,10 @@ params:
   method.kappa: {uniform: [0.0, 0.25]}             # low, high
   optim.warmup_epochs: {randint: [0, 5]}           # integers, low inclusive, high exclusive
 num_samples: 1              # trials per grid point (random search: number of draws)
-metric: knn_top1            # what trials are ranked by; never the contrastive loss
+metric: knn_top1            # what trials are compared by each epoch; never the contrastive loss
 mode: max                   # max or min
+rank_by: linear_top1        # optional: rank the trials that finish by a linear probe run at
+                            # their end (the papers' protocol); `metric` still drives ASHA
 scheduler: asha             # asha (stops poor trials early) or fifo (runs every trial to the end)
 search: random              # random (covers grid) or optuna (needs the optuna package; no grids)
 max_concurrent_trials: 2    # optional; the tune pipeline sets it from the cluster's resources
@@ -53,7 +55,9 @@ RANGE_KINDS = ("uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 SEARCHES = ("random", "optuna")
 MODES = ("max", "min")
-SETTINGS = ("num_samples", "metric", "mode", "scheduler", "search", "max_concurrent_trials")
+SETTINGS = ("num_samples", "metric", "mode", "scheduler", "search", "max_concurrent_trials",
+            "rank_by")
+RANK_BY = ("linear_top1",)  # end-of-trial protocols (micl.driver.evaluate_run)
 
 
 @dataclass
@@ -67,7 +71,12 @@ class SearchSpace:
     scheduler: str = "asha"
     search: str = "random"
     max_concurrent_trials: int | None = None
+    rank_by: str | None = None  # None: rank by `metric`; "linear_top1": a probe at each end
     path: str | None = field(default=None, compare=False)
+
+    @property
+    def ranking_metric(self) -> str:
+        return self.rank_by or self.metric
 
     def to_tune(self) -> dict[str, Any]:
         """The `param_space` for `ray.tune.Tuner`, keyed by dotted config field."""
@@ -102,14 +111,15 @@ class SearchSpace:
             "scheduler": self.scheduler,
             "search": self.search,
             "max_concurrent_trials": self.max_concurrent_trials,
+            "rank_by": self.rank_by,
         }
 
     def summary(self) -> str:
         """One line for logs: what is searched and how trials are ranked."""
         parts = [f"{name} {kind} {values}" for name, (kind, values) in self._items()]
         return (f"{self.num_trials()} trials over " + "; ".join(parts)
-                + f"; ranked by {self.metric} ({self.mode}), scheduler {self.scheduler}, "
-                f"search {self.search}")
+                + f"; ranked by {self.ranking_metric} ({self.mode}), scheduler "
+                f"{self.scheduler} on {self.metric}, search {self.search}")
 
     def _items(self) -> list[tuple[str, tuple[str, Any]]]:
         return [(name, next(iter(spec.items()))) for name, spec in self.params.items()]
@@ -157,6 +167,7 @@ def parse_space(raw: Any, base: Config | None = None, source: str = "<search spa
         search=_check_choice(source, "search", raw.get("search", "random"), SEARCHES),
         max_concurrent_trials=_check_count(source, "max_concurrent_trials",
                                            raw.get("max_concurrent_trials"), allow_none=True),
+        rank_by=_check_rank_by(source, raw.get("rank_by")),
         path=source,
     )
     _check_search_algorithm(source, space)
@@ -287,6 +298,13 @@ def _check_metric(source: str, value: Any) -> str:
                          "contrastive losses at different temperatures (or mask ratios) are not "
                          "comparable; rank by a downstream metric such as knn_top1")
     return value
+
+
+def _check_rank_by(source: str, value: Any) -> str | None:
+    if value is None or value in RANK_BY:
+        return value
+    raise _space_err(source, "rank_by", f"{value!r}: choose one of {list(RANK_BY)} (or leave it "
+                     "out to rank by `metric`)")
 
 
 def _check_search_algorithm(source: str, space: SearchSpace) -> None:

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
                         "or sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--linear-epochs", type=int, default=90, help="linear probe epochs")
+    parser.add_argument("--label-fraction", type=float, default=1.0,
+                        help="low-shot linear probe: train on this fixed fraction of the train "
+                        "labels (0.01, 0.1); logged as linear_top1_<p>pct")
+    parser.add_argument("--label-seed", type=int, default=0, help="picks the low-shot subset")
     parser.add_argument("--no-log", action="store_true", help="print only, log nothing")
     args = parser.parse_args(argv)
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
@@ -42,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_run(run_id=args.run_id, checkpoint=args.checkpoint,
                               protocols=protocols, overrides=args.overrides,
                               tracking_uri=args.tracking_uri, log=not args.no_log,
-                              linear_epochs=args.linear_epochs)
-    except ConfigError as e:  # includes DataError
+                              linear_epochs=args.linear_epochs,
+                              label_fraction=args.label_fraction, label_seed=args.label_seed)
+    except (ConfigError, ValueError) as e:  # includes DataError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n== micl evaluation ({result.bank_size} train / {result.query_size} test "
           "images) ==")
     for name, value in result.metrics.items():
-        print(f"{name:<12} {value:.4f}")
+        print(f"{name:<18} {value:.4f}")
     if result.run_id:
         print(f"logged to MLflow run {result.run_id} (step {result.step}) at "
               f"{result.tracking_uri}")

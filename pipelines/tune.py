@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\n== search {result.name} finished: {len(result.trials)} trials ==")
     print(f"MLflow parent run  {result.parent_run_id}")
-    print(f"best {space.metric}  {result.best_metric}  with {result.best_params}")
+    print(f"best {space.ranking_metric}  {result.best_metric}  with {result.best_params}")
     try:
-        report = compare(parent_run_id=result.parent_run_id, metric=space.metric,
+        report = compare(parent_run_id=result.parent_run_id, metric=space.ranking_metric,
                          mode=space.mode, out_dir=args.out, tracking_uri=result.tracking_uri)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)

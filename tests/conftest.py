@@ -3,6 +3,9 @@ import pathlib
 
 import pytest
 import ray
+from test_objectives import tiny_config
+
+from micl.driver import run_pretraining
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -17,3 +20,16 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pretrain_store(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("pretrain")
+
+
+@pytest.fixture(scope="session")
+def micl_run(ray_local, pretrain_store):
+    """(config, result) of one MiCL run of the pipeline, shared by the tests that inspect a
+    pre-training run: the MimCo teacher, the evaluated run, the fine-tuned encoder."""
+    cfg = tiny_config(pretrain_store, "micl", "run.name=micl-teacher")
+    return cfg, run_pretraining(cfg)

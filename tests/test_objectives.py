@@ -78,15 +78,9 @@ def tiny_config(store: Path, name: str, *overrides: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("objectives")
-
-
-@pytest.fixture(scope="module")
-def micl_run(ray_local, store):
-    """(config, result) of a MiCL run of the pipeline: the MimCo teacher, the evaluated run."""
-    cfg = tiny_config(store, "micl", "run.name=micl-teacher")
-    return cfg, run_pretraining(cfg)
+def store(pretrain_store) -> Path:
+    """The session's store: the MiCL run (conftest.micl_run) is the MimCo teacher there."""
+    return pretrain_store
 
 
 # ----------------------------------------------------------------------------- end to end

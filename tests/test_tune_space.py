@@ -94,6 +94,8 @@ def test_to_tune_samplers_stay_in_range():
         (f"params: {GRID}\nsearch: bayes\n", ["search", "bayes", "optuna"]),
         (f"params: {GRID}\nsearch: optuna\n", ["search", "optuna", "grid"]),
         (f"params: {GRID}\nmode: best\n", ["mode", "best"]),
+        (f"params: {GRID}\nrank_by: finetune_top1\n",
+         ["rank_by", "finetune_top1", "linear_top1"]),
         (f"params: {GRID}\nnum_samples: 0\n", ["num_samples", ">= 1"]),
         (f"params: {GRID}\nnum_sample: 2\n", ["num_sample", "unknown key", "num_samples"]),
         ("- method.mask_ratio\n", ["mapping"]),

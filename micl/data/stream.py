@@ -204,6 +204,11 @@ def label_subset(sample_ids: np.ndarray, fraction: float, seed: int) -> np.ndarr
     return x < np.uint64(int(fraction * 2**64))
 
 
+def subset_suffix(fraction: float) -> str:
+    """Metric-name suffix of a low-shot result: "" for all labels, "_10pct", "_1pct"."""
+    return "" if fraction >= 1 else f"_{fraction * 100:g}pct"
+
+
 def keep_label_subset(ds: ray.data.Dataset, fraction: float, seed: int) -> ray.data.Dataset:
     """`load_split` rows restricted to `label_subset` (before decoding: a filter on ids)."""
     if fraction >= 1:
