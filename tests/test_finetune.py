@@ -191,6 +191,7 @@ def test_finetune_from_a_pretraining_run_survives_a_killed_worker(micl_run, tmp_
     _, pre = micl_run
     store = Path(pre.tracking_uri.removeprefix("sqlite:///")).parent
     cfg = ft_config(store, f"finetune.init={pre.mlflow_run_id}", "run.num_workers=2",
+                    "run.cpus_per_worker=0.5",
                     "run.max_failures=1", "run.name=ft-killed")
     kill = KillOnce(rank=1, step=9, marker_dir=tmp_path / "faults")
     result = run_finetuning(cfg, hooks=[kill])
