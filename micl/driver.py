@@ -245,8 +245,8 @@ class EvalResult:
 def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
                  protocols: Sequence[str] = PROTOCOLS, overrides: Sequence[str] = (),
                  tracking_uri: str | None = None, log: bool = True,
-                 linear_epochs: int = 90, label_fraction: float = 1.0, label_seed: int = 0
-                 ) -> EvalResult:
+                 linear_epochs: int = 90, label_fraction: float = 1.0, label_seed: int = 0,
+                 probe: dict[str, Any] | None = None) -> EvalResult:
     """Evaluate the encoder of a finished run: kNN top-1 and/or linear-probe top-1.
 
     The encoder comes from the MLflow run `run_id` (exported weights + params) or from
@@ -258,6 +258,7 @@ def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
 
     Low-shot (label_fraction < 1): the linear probe trains on that fixed fraction of the whole
     train split (`data.stream.label_subset`, seeded by label_seed) and logs `linear_top1_<p>pct`.
+    `probe`: more keyword arguments of `evaluate.linear_probe` (optimizer="lars", blr, ...).
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
@@ -289,7 +290,8 @@ def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
         train, train_labels = (bank, bank_labels) if label_fraction >= 1 else \
             low_shot_features(encoder, cfg, device, label_fraction, label_seed)
         metrics["linear_top1" + subset_suffix(label_fraction)] = linear_probe(
-            train, train_labels, query, query_labels, epochs=linear_epochs, seed=cfg.run.seed)
+            train, train_labels, query, query_labels, epochs=linear_epochs, seed=cfg.run.seed,
+            **(probe or {}))
     target_run, step = run_id or loaded.run_id, int(loaded.epoch or 0)
     log_uri = tracking_uri or default_tracking_uri(cfg if run_id is None else None)
     if log and target_run:

@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="low-shot linear probe: train on this fixed fraction of the train "
                         "labels (0.01, 0.1); logged as linear_top1_<p>pct")
     parser.add_argument("--label-seed", type=int, default=0, help="picks the low-shot subset")
+    parser.add_argument("--probe-optimizer", choices=["sgd", "lars"], default="sgd",
+                        help="linear probe optimiser: sgd (batch 256, blr 0.1) or MAE's lars "
+                        "(for large sets: with --probe-batch 16384 --probe-warmup 10)")
+    parser.add_argument("--probe-blr", type=float, default=0.1, help="lr = blr * batch / 256")
+    parser.add_argument("--probe-batch", type=int, default=256)
+    parser.add_argument("--probe-warmup", type=int, default=0, help="warmup epochs")
     parser.add_argument("--no-log", action="store_true", help="print only, log nothing")
     args = parser.parse_args(argv)
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
@@ -47,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                               protocols=protocols, overrides=args.overrides,
                               tracking_uri=args.tracking_uri, log=not args.no_log,
                               linear_epochs=args.linear_epochs,
-                              label_fraction=args.label_fraction, label_seed=args.label_seed)
+                              label_fraction=args.label_fraction, label_seed=args.label_seed,
+                              probe={"optimizer": args.probe_optimizer, "blr": args.probe_blr,
+                                     "batch_size": args.probe_batch,
+                                     "warmup_epochs": args.probe_warmup})
     except (ConfigError, ValueError) as e:  # includes DataError
         print(f"error: {e}", file=sys.stderr)
         return 2

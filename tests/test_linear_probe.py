@@ -6,7 +6,7 @@ import torch
 
 from micl.artifacts import export_encoder, load_encoder
 from micl.config import ModelConfig, config_from_params, load_config
-from micl.evaluate import linear_probe
+from micl.evaluate import linear_probe, probe_optimizer
 from micl.models import MaskedViT
 from micl.models.export import load_timm_encoder
 from micl.objectives import check
@@ -29,6 +29,24 @@ def test_linear_probe_separates_separable_features():
     # Features carrying no label information stay at chance.
     noise = torch.randn(300, 16), train[1]
     assert linear_probe(*noise, torch.randn(200, 16), test[1], epochs=10) < 0.6
+
+
+def test_the_lars_probe_separates_and_scales_by_trust_ratio():
+    train, test = _blobs(300, 1), _blobs(200, 2)
+    # LARS moves each weight matrix by lr x 0.001 of its norm per step: it needs MAE-sized
+    # learning rates (6.4 there) and steps.
+    assert linear_probe(*train, *test, epochs=10, batch_size=32, optimizer="lars", blr=100,
+                        warmup_epochs=1) > 0.95
+    # At weight decay 0 the weight matrix's step is still scaled by its trust ratio (timm
+    # skips it there unless always_adapt), and the bias's is not.
+    head = torch.nn.Linear(16, 3)
+    opt = probe_optimizer(head, "lars", lr=1.0, weight_decay=0.0)
+    before = head.weight.detach().clone(), head.bias.detach().clone()
+    head.weight.grad, head.bias.grad = torch.ones_like(head.weight), torch.ones_like(head.bias)
+    opt.step()
+    ratio = 0.001 * before[0].norm() / head.weight.grad.norm()
+    torch.testing.assert_close(before[0] - head.weight.detach(), ratio * torch.ones(3, 16))
+    torch.testing.assert_close(before[1] - head.bias.detach(), torch.ones(3))
 
 
 def test_exported_encoder_loads_back(tmp_path):
