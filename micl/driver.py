@@ -113,8 +113,9 @@ def train_set(cfg: Config) -> tuple[ray.data.Dataset, int]:
 def knn_sets(cfg: Config) -> dict[str, ray.data.Dataset]:
     """The kNN bank (a subset of the train split) and queries (of the val split), decoded
     once and cached in the object store."""
-    bank_size = cfg.data.knn_bank_size or split_size(cfg, cfg.data.train_split)
-    bank = load_split(cfg, cfg.data.train_split, limit=bank_size)
+    # No knn_bank_size: the whole (limit_train-capped) split, without listing it a second time.
+    bank = load_split(cfg, cfg.data.train_split,
+                      limit=cfg.data.knn_bank_size or cfg.data.limit_train)
     query = load_split(cfg, cfg.data.val_split, limit=cfg.data.knn_query_size)
     return {"knn_bank": eval_stream(bank, cfg).materialize(),
             "knn_query": eval_stream(query, cfg).materialize()}

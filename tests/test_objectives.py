@@ -159,19 +159,23 @@ def test_evaluate_run_logs_knn_and_linear_to_the_run(micl_run):
 
 
 @pytest.mark.e2e
-def test_evaluate_cli_linear_protocol(micl_run):
+def test_evaluate_cli_low_shot_lars_probe(micl_run):
+    """The CLI's low-shot linear probe (half of the train labels, MAE's LARS optimiser) prints
+    and logs `linear_top1_50pct` at the run's last epoch."""
     _, result = micl_run
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--run-id",
          result.mlflow_run_id, "--protocol", "linear", "--tracking-uri", result.tracking_uri,
-         "--linear-epochs", "5"], capture_output=True, text=True, timeout=300)
+         "--linear-epochs", "5", "--label-fraction", "0.5", "--probe-optimizer", "lars",
+         "--probe-blr", "50", "--probe-batch", "32"], capture_output=True, text=True,
+        timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("linear_top1"))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("linear_top1_50pct"))
     printed = float(line.split()[1])
     history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id,
-                                                                    "linear_top1")
-    newest = max(history, key=lambda m: m.timestamp)  # this CLI call's row, not an earlier one
-    assert abs(newest.value - printed) < 1e-4 and newest.step == 2
+                                                                    "linear_top1_50pct")
+    assert len(history) == 1 and abs(history[0].value - printed) < 1e-4
+    assert history[0].step == 2
     assert "knn_top1" not in proc.stdout
 
 
