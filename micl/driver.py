@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -25,7 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from micl import objectives
 from micl.artifacts import load_encoder
-from micl.config import Config, ConfigError, with_overrides
+from micl.config import Config, ConfigError, ModelConfig, with_overrides
 from micl.data.sources import check_source, load_split, split_size
 from micl.data.stream import (
     NAMESPACE,
@@ -36,6 +37,7 @@ from micl.data.stream import (
     train_stream,
 )
 from micl.evaluate import extract_features, knn_top1, linear_probe
+from micl.models.export import encoder_from_timm, timm_state_dict
 from micl.tracking import RunLogger, open_run
 from micl.tracking import tracking_uri as default_tracking_uri
 from micl.train import LoopSpec, LoopStarts, StepHook, train_loop_per_worker
@@ -110,15 +112,15 @@ def train_set(cfg: Config) -> tuple[ray.data.Dataset, int]:
     return load_split(cfg, cfg.data.train_split), num_train
 
 
-def knn_sets(cfg: Config) -> dict[str, ray.data.Dataset]:
+def knn_sets(cfg: Config, cache: bool = True) -> dict[str, ray.data.Dataset]:
     """The kNN bank (a subset of the train split) and queries (of the val split), decoded
-    once and cached in the object store."""
+    once and cached in the object store (`cache`; else streamed on each use)."""
     # No knn_bank_size: the whole (limit_train-capped) split, without listing it a second time.
     bank = load_split(cfg, cfg.data.train_split,
                       limit=cfg.data.knn_bank_size or cfg.data.limit_train)
     query = load_split(cfg, cfg.data.val_split, limit=cfg.data.knn_query_size)
-    return {"knn_bank": eval_stream(bank, cfg).materialize(),
-            "knn_query": eval_stream(query, cfg).materialize()}
+    sets = {"knn_bank": eval_stream(bank, cfg), "knn_query": eval_stream(query, cfg)}
+    return {k: v.materialize() for k, v in sets.items()} if cache else sets
 
 
 def fit_actors(run_name: str) -> tuple[str, str]:
@@ -223,12 +225,51 @@ def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResu
 # ----------------------------------------------------------------------------- evaluation
 
 
-def low_shot_features(encoder: torch.nn.Module, cfg: Config, device: torch.device,
-                      fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw cls features [N, D] and labels of a fixed `fraction` of the whole train split."""
-    subset = keep_label_subset(load_split(cfg, cfg.data.train_split), fraction, seed)
-    return extract_features(encoder, eval_stream(subset, cfg).iter_torch_batches(batch_size=512),
-                            cfg.data.mean, cfg.data.std, device, l2=False)
+class EncoderFeatures:
+    """A Ray Data actor: raw cls features of eval-stream batches, computed where the actor runs
+    (on its GPU when it has one). `state` is the encoder's timm state dict or a reference to it."""
+
+    def __init__(self, state: Any, model: ModelConfig, mean: list[float], std: list[float]
+                 ) -> None:
+        state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = encoder_from_timm(state, model).to(self.device)
+        self.mean, self.std = mean, std
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))  # uint8 [B, C, H, W]
+        labels = torch.from_numpy(np.asarray(batch["label"]))
+        feats, _ = extract_features(self.encoder, [{"image": images, "label": labels}],
+                                    self.mean, self.std, self.device, l2=False)
+        return {"feature": feats.numpy(), "label": labels.numpy()}  # [B, D], [B]
+
+
+def features_of(ds: ray.data.Dataset, encoder: torch.nn.Module, cfg: Config,
+                device: torch.device, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw cls features [N, D] and labels of an eval stream: pushed through the encoder in this
+    process (workers = 0), or by `workers` Ray Data actors on the cluster (a GPU each when the
+    cluster has GPUs): what ImageNet-sized sets need."""
+    if workers == 0:
+        return extract_features(encoder, ds.iter_torch_batches(batch_size=512),
+                                cfg.data.mean, cfg.data.std, device, l2=False)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    out = ds.map_batches(EncoderFeatures, batch_size=512, batch_format="numpy", num_gpus=gpus,
+                         compute=ray.data.ActorPoolStrategy(size=workers),
+                         fn_constructor_kwargs={"state": ray.put(timm_state_dict(encoder)),
+                                                "model": cfg.model, "mean": cfg.data.mean,
+                                                "std": cfg.data.std})
+    parts = list(out.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        raise ValueError("no images to extract features from (empty dataset)")
+    return (torch.from_numpy(np.concatenate([p["feature"] for p in parts])),
+            torch.from_numpy(np.concatenate([p["label"] for p in parts])).long())
+
+
+def low_shot_set(cfg: Config, fraction: float, seed: int) -> ray.data.Dataset:
+    """The eval stream of a fixed `fraction` of the whole train split (low-shot probes)."""
+    return eval_stream(keep_label_subset(load_split(cfg, cfg.data.train_split), fraction, seed),
+                       cfg)
+
 
 PROTOCOLS = ("knn", "linear")
 
@@ -243,11 +284,24 @@ class EvalResult:
     query_size: int
 
 
+def check_eval_args(protocols: Sequence[str], overrides: Sequence[str],
+                    label_fraction: float) -> None:
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        raise ConfigError(f"config error: protocols = {list(protocols)!r}: choose from "
+                          f"{list(PROTOCOLS)}")
+    if not 0 < label_fraction <= 1:
+        raise ConfigError(f"config error: label_fraction = {label_fraction}: must be in (0, 1]")
+    if any(o.strip().startswith("model.") for o in overrides):
+        raise ConfigError("config error: model.*: the architecture comes from the weights")
+
+
 def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
                  protocols: Sequence[str] = PROTOCOLS, overrides: Sequence[str] = (),
                  tracking_uri: str | None = None, log: bool = True,
                  linear_epochs: int = 90, label_fraction: float = 1.0, label_seed: int = 0,
-                 probe: dict[str, Any] | None = None) -> EvalResult:
+                 probe: dict[str, Any] | None = None, extract_workers: int = 0
+                 ) -> EvalResult:
     """Evaluate the encoder of a finished run: kNN top-1 and/or linear-probe top-1.
 
     The encoder comes from the MLflow run `run_id` (exported weights + params) or from
@@ -260,36 +314,31 @@ def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
     Low-shot (label_fraction < 1): the linear probe trains on that fixed fraction of the whole
     train split (`data.stream.label_subset`, seeded by label_seed) and logs `linear_top1_<p>pct`.
     `probe`: more keyword arguments of `evaluate.linear_probe` (optimizer="lars", blr, ...).
+    `extract_workers` > 0: the features are computed by that many Ray Data actors on the
+    cluster and the sets are streamed, not cached (`features_of`).
     """
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
-    if unknown or not protocols:
-        raise ConfigError(f"config error: protocols = {list(protocols)!r}: choose from "
-                          f"{list(PROTOCOLS)}")
-    if not 0 < label_fraction <= 1:
-        raise ConfigError(f"config error: label_fraction = {label_fraction}: must be in (0, 1]")
-    if any(o.strip().startswith("model.") for o in overrides):
-        raise ConfigError("config error: model.*: the architecture comes from the weights")
+    check_eval_args(protocols, overrides, label_fraction)
     loaded = load_encoder(run_id=run_id, checkpoint=checkpoint,
                           tracking_uri=tracking_uri or default_tracking_uri())
     cfg = with_overrides(loaded.config or Config(model=loaded.model), list(overrides))
     cfg.model = loaded.model
     connect_ray()
-    sets = knn_sets(cfg)
+    sets = knn_sets(cfg, cache=extract_workers == 0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = loaded.encoder.to(device)
 
-    def features(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract_features(encoder, sets[name].iter_torch_batches(batch_size=512),
-                                cfg.data.mean, cfg.data.std, device, l2=False)
+    def features(ds: ray.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return features_of(ds, encoder, cfg, device, extract_workers)
 
-    (bank, bank_labels), (query, query_labels) = features("knn_bank"), features("knn_query")
+    (bank, bank_labels), (query, query_labels) = features(sets["knn_bank"]), \
+        features(sets["knn_query"])
     metrics: dict[str, float] = {}
     if "knn" in protocols:
         metrics["knn_top1"] = knn_top1(F.normalize(bank, dim=-1), bank_labels,
                                        F.normalize(query, dim=-1), query_labels)
     if "linear" in protocols:
         train, train_labels = (bank, bank_labels) if label_fraction >= 1 else \
-            low_shot_features(encoder, cfg, device, label_fraction, label_seed)
+            features(low_shot_set(cfg, label_fraction, label_seed))
         metrics["linear_top1" + subset_suffix(label_fraction)] = linear_probe(
             train, train_labels, query, query_labels, epochs=linear_epochs, seed=cfg.run.seed,
             **(probe or {}))

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-blr", type=float, default=0.1, help="lr = blr * batch / 256")
     parser.add_argument("--probe-batch", type=int, default=256)
     parser.add_argument("--probe-warmup", type=int, default=0, help="warmup epochs")
+    parser.add_argument("--extract-workers", type=int, default=0, help="compute the features "
+                        "with this many Ray Data actors on the cluster (a GPU each when there "
+                        "are GPUs) instead of in this process: for ImageNet-sized sets")
     parser.add_argument("--no-log", action="store_true", help="print only, log nothing")
     args = parser.parse_args(argv)
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                               label_fraction=args.label_fraction, label_seed=args.label_seed,
                               probe={"optimizer": args.probe_optimizer, "blr": args.probe_blr,
                                      "batch_size": args.probe_batch,
-                                     "warmup_epochs": args.probe_warmup})
+                                     "warmup_epochs": args.probe_warmup},
+                              extract_workers=args.extract_workers)
     except (ConfigError, ValueError) as e:  # includes DataError
         print(f"error: {e}", file=sys.stderr)
         return 2

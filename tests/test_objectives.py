@@ -156,6 +156,12 @@ def test_evaluate_run_logs_knn_and_linear_to_the_run(micl_run):
     from_ckpt = evaluate_run(checkpoint=result.checkpoint_path, protocols=("knn",), log=False)
     assert from_ckpt.run_id is None and set(from_ckpt.metrics) == {"knn_top1"}
     assert from_ckpt.metrics["knn_top1"] == pytest.approx(ev.metrics["knn_top1"], abs=1e-9)
+    # Features computed by a Ray Data actor on the cluster (what ImageNet-sized sets use) give
+    # the same kNN as in this process.
+    on_cluster = evaluate_run(run_id=result.mlflow_run_id, tracking_uri=result.tracking_uri,
+                              protocols=("knn",), log=False, extract_workers=1)
+    assert on_cluster.bank_size == ev.bank_size and on_cluster.query_size == ev.query_size
+    assert on_cluster.metrics["knn_top1"] == pytest.approx(ev.metrics["knn_top1"], abs=1e-9)
 
 
 @pytest.mark.e2e
