@@ -58,13 +58,14 @@ def pretrain(out: Path, name: str, config: str, epochs: int) -> str:
     return result.mlflow_run_id
 
 
-def finetune(out: Path, name: str, init: str, epochs: int, fraction: float = 1.0) -> None:
+def finetune(out: Path, name: str, init: str, epochs: int, fraction: float = 1.0,
+             overrides: tuple[str, ...] = (), tag: str = "") -> None:
     t0 = time.time()
     cfg = load_config(ROOT / "configs/finetune_fashion_mnist.yaml",
                       [f"finetune.init={init}", f"optim.epochs={epochs}",
-                       f"finetune.label_fraction={fraction}", *store(out)])
+                       f"finetune.label_fraction={fraction}", *overrides, *store(out)])
     m = run_finetuning(cfg).metrics
-    record(out, f"finetune_{name}_{fraction:g}", {
+    record(out, f"finetune_{name}_{fraction:g}{tag}", {
         "epochs": epochs, "label_fraction": fraction, "val_top1": m.get("val_top1"),
         "val_top5": m.get("val_top5"), "seconds": round(time.time() - t0)})
 
@@ -92,17 +93,25 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lowshot-finetune-epochs", type=int, default=0)
     p.add_argument("--out", default="/tmp/ftbench")
+    p.add_argument("--pretrained", nargs=2, metavar=("MICL_RUN", "MAE_RUN"),
+                   help="skip pre-training: these MLflow run ids (in <out>/mlflow.db)")
+    p.add_argument("--finetune-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of configs/finetune_fashion_mnist.yaml")
+    p.add_argument("--tag", default="", help="suffix of this run's result keys")
+    p.add_argument("--no-lowshot", action="store_true", help="fine-tune on all labels only")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start_ray(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, log_to_driver=True)
     t0 = time.time()
-    runs = {"micl": pretrain(out, "micl", "configs/fashion_mnist_tiny.yaml", args.pretrain_epochs),
-            "mae": pretrain(out, "mae", "configs/fashion_mnist_mae.yaml", args.pretrain_epochs)}
+    runs = dict(zip(("micl", "mae"), args.pretrained, strict=True)) if args.pretrained else {
+        "micl": pretrain(out, "micl", "configs/fashion_mnist_tiny.yaml", args.pretrain_epochs),
+        "mae": pretrain(out, "mae", "configs/fashion_mnist_mae.yaml", args.pretrain_epochs)}
+    ft = {"overrides": tuple(args.finetune_set), "tag": args.tag}
     for name, init in [("micl", runs["micl"]), ("scratch", "scratch"), ("mae", runs["mae"])]:
-        finetune(out, name, init, args.finetune_epochs)
+        finetune(out, name, init, args.finetune_epochs, **ft)
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    for fraction in FRACTIONS:
+    for fraction in () if args.no_lowshot else FRACTIONS:
         pixel_linear(out, fraction)
         for name, run_id in runs.items():
             t1 = time.time()
@@ -113,7 +122,7 @@ def main() -> None:
         for fraction in reversed(FRACTIONS):
             for name, init in [("micl", runs["micl"]), ("scratch", "scratch"),
                                ("mae", runs["mae"])]:
-                finetune(out, name, init, args.lowshot_finetune_epochs, fraction)
+                finetune(out, name, init, args.lowshot_finetune_epochs, fraction, **ft)
     results = json.loads((out / "results.json").read_text())
     rows = [[k, json.dumps({a: (round(b, 4) if isinstance(b, float) else b)
                             for a, b in v.items() if a != "run_id"})] for k, v in results.items()]

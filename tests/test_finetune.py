@@ -248,3 +248,30 @@ def ft_config_overrides(store: Path) -> list[str]:
             "finetune.cutmix=0", "finetune.eval_crop_pct=1.0", "finetune.drop_path=0",
             "run.num_workers=1", "run.torch_threads=1", f"run.storage_path={store / 'runs'}",
             f"run.tracking_uri=sqlite:///{store / 'mlflow.db'}"]
+
+
+@pytest.mark.parametrize(("name", "recipe"), [
+    ("vitb16", {"model.name": "vit_base", "optim.blr": 5e-4, "optim.epochs": 100,
+                "finetune.layer_decay": 0.65, "finetune.drop_path": 0.1}),
+    ("vitl16", {"model.name": "vit_large", "optim.blr": 1e-3, "optim.epochs": 50,
+                "finetune.layer_decay": 0.75, "finetune.drop_path": 0.2})])
+def test_imagenet_configs_carry_maes_recipe(name, recipe):
+    cfg = load_config(ROOT / f"configs/finetune_imagenet_{name}.yaml")
+    flat = cfg.flat()
+    for key, value in recipe.items():
+        assert flat[key] == value, key
+    assert cfg.data.batch_size * cfg.run.num_workers * cfg.optim.grad_accum_steps == 1024
+    assert (cfg.model.img_size, cfg.model.patch_size) == (224, 16)
+    assert (cfg.optim.warmup_epochs, cfg.optim.min_lr, cfg.optim.weight_decay) == (5, 1e-6, 0.05)
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.data.crop_scale_min) == (0.9, 0.999, 0.08)
+    f = cfg.finetune
+    assert (f.randaug, f.reprob, f.mixup, f.cutmix, f.label_smoothing) == \
+        ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
+    assert (f.global_pool, f.head_init_std, f.eval_crop_pct) == ("avg", 2e-5, 0.875)
+
+
+def test_the_fashion_mnist_config_fits_the_pretraining_configs():
+    """Fine-tuning needs the encoder's architecture: the CPU config's is the demo's."""
+    ft = load_config(ROOT / "configs/finetune_fashion_mnist.yaml")
+    for pre in ("fashion_mnist_tiny", "fashion_mnist_mae"):
+        assert load_config(ROOT / f"configs/{pre}.yaml").model == ft.model, pre
