@@ -79,11 +79,14 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str,
                                            "micl.trial_id": trial_id})
         trainer = build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()])
         last = dict(trainer.fit().metrics or {})
-        if rank_by == "linear_top1":  # the end-of-trial protocol, logged to the trial's run
-            probe = evaluate_run(run_id=run_id, protocols=("linear",),
-                                 tracking_uri=cfg.run.tracking_uri)
-            tune.report({**last, **probe.metrics})
+        # The end-of-trial protocol, logged to the trial's run.
+        probe = evaluate_run(run_id=run_id, protocols=("linear",),
+                             tracking_uri=cfg.run.tracking_uri).metrics \
+            if rank_by == "linear_top1" else {}
+        # Ended before the last report: the scheduler may stop the trial at that report.
         RunLogger(cfg.run.tracking_uri, run_id).end("FINISHED")
+        if probe:
+            tune.report({**last, **probe})
 
     return train_trial
 
