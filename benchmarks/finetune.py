@@ -99,6 +99,8 @@ def main() -> None:
                    help="override a field of configs/finetune_fashion_mnist.yaml")
     p.add_argument("--tag", default="", help="suffix of this run's result keys")
     p.add_argument("--no-lowshot", action="store_true", help="fine-tune on all labels only")
+    p.add_argument("--only-lowshot", action="store_true",
+                   help="with --pretrained: skip the full-label fine-tunes and linear probes")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,10 +110,11 @@ def main() -> None:
         "micl": pretrain(out, "micl", "configs/fashion_mnist_tiny.yaml", args.pretrain_epochs),
         "mae": pretrain(out, "mae", "configs/fashion_mnist_mae.yaml", args.pretrain_epochs)}
     ft = {"overrides": tuple(args.finetune_set), "tag": args.tag}
-    for name, init in [("micl", runs["micl"]), ("scratch", "scratch"), ("mae", runs["mae"])]:
+    for name, init in [] if args.only_lowshot else [
+            ("micl", runs["micl"]), ("scratch", "scratch"), ("mae", runs["mae"])]:
         finetune(out, name, init, args.finetune_epochs, **ft)
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    for fraction in () if args.no_lowshot else FRACTIONS:
+    for fraction in () if args.no_lowshot or args.only_lowshot else FRACTIONS:
         pixel_linear(out, fraction)
         for name, run_id in runs.items():
             t1 = time.time()
