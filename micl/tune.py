@@ -3,9 +3,9 @@
 Each trial is a function that builds and fits a `TorchTrainer` for its config; the trainer's
 reports reach Tune through `TuneReportCallback`. Trials are ranked by a downstream metric
 (`knn_top1`), never by the contrastive loss: losses at different temperatures don't compare.
-With `rank_by: linear_top1` each trial that finishes is also linear-probed at its end and the
-search ranks by that, while ASHA keeps stopping trials on the per-epoch kNN. One MLflow parent
-run records the search; each trial is a child run.
+With `rank_by: linear_top1` each trial that trained every epoch is linear-probed at the end of
+the search and the search ranks by that, while ASHA keeps stopping trials on the per-epoch kNN.
+One MLflow parent run records the search; each trial is a child run.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from micl.artifacts import latest_checkpoint_on_storage
 from micl.config import Config, from_dict, to_yaml
 from micl.driver import build_trainer, check, connect_ray, evaluate_run, resolve
 from micl.tracking import ROLE_TAG, RunLogger, mlflow_client, start_or_resume_run
@@ -53,8 +54,10 @@ def concurrent_trials(cfg: Config, space: SearchSpace) -> int:
 def _scheduler(space: SearchSpace, cfg: Config):
     if space.scheduler == "fifo":
         return None
-    # Rungs at 1, 2, 4, ... epochs; keep the top half at each rung.
-    return tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
+    # Rungs at 1, 2, 4, ... epochs; keep the top half at each rung. max_t is one past the last
+    # epoch: ASHA stops a trial the moment it reports max_t, which would tear it down before
+    # its loop exports the encoder and its MLflow run is ended.
+    return tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs + 1,
                                          grace_period=1, reduction_factor=2)
 
 
@@ -66,8 +69,7 @@ def _search_alg(space: SearchSpace, concurrency: int):
     return None  # random / grid: Tune's BasicVariantGenerator
 
 
-def make_trainable(base: Config, search_name: str, parent_run_id: str,
-                   rank_by: str | None = None):
+def make_trainable(base: Config, search_name: str, parent_run_id: str):
     def train_trial(params: dict[str, Any]) -> None:
         cfg = apply_trial_params(base, params)
         trial_id = tune.get_context().get_trial_id()
@@ -78,15 +80,8 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str,
                                      tags={ROLE_TAG: "trial", SEARCH_TAG: search_name,
                                            "micl.trial_id": trial_id})
         trainer = build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()])
-        last = dict(trainer.fit().metrics or {})
-        # The end-of-trial protocol, logged to the trial's run.
-        probe = evaluate_run(run_id=run_id, protocols=("linear",),
-                             tracking_uri=cfg.run.tracking_uri).metrics \
-            if rank_by == "linear_top1" else {}
-        # Ended before the last report: the scheduler may stop the trial at that report.
+        trainer.fit()
         RunLogger(cfg.run.tracking_uri, run_id).end("FINISHED")
-        if probe:
-            tune.report({**last, **probe})
 
     return train_trial
 
@@ -134,7 +129,7 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     path = f"{root.rstrip('/')}/{name}"
     restoring = tune.Tuner.can_restore(path)
     parent = _parent_run(base, name, space, resume=restoring)
-    trainable = tune.with_resources(make_trainable(base, name, parent, space.rank_by),
+    trainable = tune.with_resources(make_trainable(base, name, parent),
                                     {"cpu": 0, "memory": 64 * 2**20})
     concurrency = concurrent_trials(base, space)
     if restoring:
@@ -154,9 +149,10 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     _close_stopped_children(uri, parent, base.run.experiment)
 
     ranking = space.ranking_metric
+    probes = _probe_finished_trials(base, parent, name) if space.rank_by else {}
     trials = []
     for r in results:
-        metrics = r.metrics or {}
+        metrics = {**(r.metrics or {}), **probes.get((r.metrics or {}).get("trial_id"), {})}
         trials.append({"params": {k: v for k, v in (r.config or {}).items()},
                        space.metric: metrics.get(space.metric), ranking: metrics.get(ranking),
                        "epochs": metrics.get("epoch"), "error": str(r.error) if r.error else None})
@@ -171,6 +167,29 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
                         best_params=best["params"] if best else {},
                         best_metric=best[ranking] if best else None,
                         trials=trials, path=str(Path(path)) if "://" not in path else path)
+
+
+def _probe_finished_trials(base: Config, parent_run_id: str, search_name: str
+                           ) -> dict[str, dict[str, float]]:
+    """trial id -> the end-of-trial linear probe (`rank_by: linear_top1`) of each trial that
+    trained every epoch, from its last checkpoint on storage, logged to the trial's run. Run
+    here, after the search: a trial's own process may be torn down by the scheduler."""
+    client = mlflow_client(base.run.tracking_uri)
+    exp = client.get_experiment_by_name(base.run.experiment)
+    probes = {}
+    for run in client.search_runs([exp.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        trial_id = run.data.tags.get("micl.trial_id")
+        if run.data.metrics.get("epoch") != base.optim.epochs or trial_id is None:
+            continue
+        ckpt = latest_checkpoint_on_storage(
+            f"{base.run.storage_path.rstrip('/')}/{search_name}-{trial_id}")
+        if ckpt is None:
+            continue
+        with ckpt.as_directory() as d:
+            probes[trial_id] = evaluate_run(checkpoint=d, protocols=("linear",),
+                                            tracking_uri=base.run.tracking_uri).metrics
+    return probes
 
 
 def _finite(x: Any) -> bool:

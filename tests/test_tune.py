@@ -68,11 +68,16 @@ def test_parent_children_and_compare(search):
     with open(report.csv_path) as f:
         rows = list(csv.DictReader(f))
     assert {(float(r["method.mask_ratio"]), float(r["method.temperature"])) for r in rows} == GRID
-    # ASHA stops on kNN; the search ranks the trials that finished by their end-of-trial
-    # linear probe (rank_by), logged to each trial's run.
+    # ASHA stops on kNN; the search ranks the trials that trained every epoch by an
+    # end-of-trial linear probe (rank_by), logged to each trial's run. A trial that ran to the
+    # end finished cleanly: its run is FINISHED and holds the exported encoder.
+    complete = [c for c in runs if c.data.metrics["epoch"] == 4]
+    assert complete and all("linear_top1" in c.data.metrics for c in complete)
+    assert result.best_metric == max(c.data.metrics["linear_top1"] for c in complete)
     finished = [c for c in runs if c.info.status == "FINISHED"]
-    assert finished and all("linear_top1" in c.data.metrics for c in finished)
-    assert result.best_metric == max(c.data.metrics["linear_top1"] for c in finished)
+    assert finished and all(c.data.metrics["epoch"] == 4 for c in finished)
+    assert {a.path for a in client.list_artifacts(finished[0].info.run_id, "encoder")} == {
+        "encoder/encoder_timm.pth", "encoder/timm_model.json"}
     assert client.get_run(result.parent_run_id).data.metrics["best_linear_top1"] == \
         result.best_metric
     assert Path(report.png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
