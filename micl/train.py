@@ -359,7 +359,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
                 spec: LoopSpec, state: TrainState, w: Worker, logger: RunLogger | None
                 ) -> EpochSums:
     """One pass over this worker's shard; state.step counts applied optimizer steps."""
-    ray.get(epoch_clock(spec.clock_name).set.remote(state.epoch))
+    ray.get(epoch_clock(spec.clock_name).set.remote(state.epoch, state.restarts))
     model.train()
     sums, t0 = EpochSums(), time.perf_counter()
     per_epoch = steps_per_epoch(spec.num_train, cfg, w.world)

@@ -26,6 +26,7 @@ from micl.data.sources import (
     class_names,
     load_split,
     read_idx,
+    split_size,
     stable_sample_id,
     synthetic_images,
 )
@@ -333,6 +334,23 @@ def test_epoch_clock_drives_the_epoch(ray_local, folder):
     ray.kill(clock)
 
 
+def test_epoch_clock_counts_a_restarted_epoch_afresh(ray_local):
+    """Each worker starts each epoch with set(epoch, attempt); a restart after a worker died
+    in that epoch streams it again, so its bad files are counted again from zero."""
+    clock = epoch_clock("test-data-restart-clock")
+    for rank in (0, 1):
+        ray.get(clock.set.remote(2, 0))
+        ray.get(clock.add_skipped.remote(2, 3, [f"bad-{rank}.jpg"]))
+    assert ray.get(clock.skipped.remote(2))[0] == 6  # both workers' map tasks, attempt 0
+    ray.get(clock.set.remote(2, 1))  # the restart's first worker
+    ray.get(clock.add_skipped.remote(2, 3, ["bad-0.jpg"]))
+    ray.get(clock.set.remote(2, 1))  # its second worker: no reset within an attempt
+    ray.get(clock.add_skipped.remote(2, 3, ["bad-1.jpg"]))
+    count, examples = ray.get(clock.skipped.remote(2))
+    assert count == 6 and examples == ["bad-0.jpg", "bad-1.jpg"]
+    ray.kill(clock)
+
+
 def test_all_bad_batch_raises(ray_local, tmp_path):
     d = tmp_path / "train" / "junk"
     d.mkdir(parents=True)
@@ -363,6 +381,9 @@ def test_synthetic_source_streams(ray_local):
     assert train["image"].shape == (64, 3, 16, 16) and set(train["label"]) == {0, 1, 2, 3}
     val = collect(eval_stream(load_split(cfg, "val"), cfg))
     assert len(val["label"]) == 16 and not set(val["sample_id"]) & set(train["sample_id"])
+    # The size the driver plans epochs with, from the config alone, is what streams.
+    assert (split_size(cfg, "train"), split_size(cfg, "val"), split_size(cfg, "val", 10)) == \
+        (64, 16, 10)
 
 
 def test_prepare_data_shards_load_and_stream(ray_local, folder, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli_env
 from mlflow.tracking import MlflowClient
 
 from micl.artifacts import STATE_FILE, export_encoder, load_encoder, save_state
@@ -174,7 +175,7 @@ def test_evaluate_cli_low_shot_lars_probe(micl_run):
          result.mlflow_run_id, "--protocol", "linear", "--tracking-uri", result.tracking_uri,
          "--linear-epochs", "5", "--label-fraction", "0.5", "--probe-optimizer", "lars",
          "--probe-blr", "50", "--probe-batch", "32"], capture_output=True, text=True,
-        timeout=300)
+        timeout=300, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("linear_top1_50pct"))
     printed = float(line.split()[1])

@@ -9,19 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import RecordSteps, make_image_folder
+from helpers import make_image_folder
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from micl.artifacts import STATE_FILE, latest_checkpoint_on_storage
 from micl.config import load_config
 from micl.data.prepare import write_parquet_shards
-from micl.data.sources import DataError, load_split
-from micl.data.stream import train_stream
+from micl.data.sources import DataError
 from micl.driver import run_pretraining
 from micl.models import MaskedViT
 from micl.models.export import load_timm_encoder
-from micl.objectives import stream_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,54 +82,25 @@ def write_bad_and_odd_images(root: Path) -> tuple[int, int]:
     return 4, 1
 
 
-def test_imagefolder_two_workers(ray_local, tmp_path):
-    """One 2-worker run over a folder with bad and odd-mode files, global negatives (DDP +
-    all_gather) and gradient accumulation; it keeps one checkpoint."""
-    info = make_image_folder(tmp_path / "data", n_per_class=12, size=20, split="train")
-    make_image_folder(tmp_path / "data", n_per_class=4, size=20, split="val", bad_files=False)
-    convertible, truncated = write_bad_and_odd_images(tmp_path / "data")
-    undecodable = len(info["bad"]) + truncated  # corrupt, zero-byte, text, truncated
-    cfg = tiny_config(tmp_path, "data.source=imagefolder", f"data.path={info['root']}",
-                      "data.max_bad_fraction=0.2", "method.negatives=global",
-                      "optim.grad_accum_steps=2", "run.keep_last=1", "run.name=folder")
-    rows = train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg)).take_all()
-    assert len(rows) == info["good"] + convertible  # odd modes converted, bad ones dropped
-    result = run_pretraining(cfg, hooks=[RecordSteps(tmp_path / "steps")])
-    assert result.metrics["epoch"] == 2
-    client = check_mlflow_run(result, cfg, epochs=2)
-    skipped = client.get_metric_history(result.mlflow_run_id, "skipped")
-    assert [m.value for m in skipped] == [undecodable, undecodable]
-    assert client.get_run(result.mlflow_run_id).data.params["method.negatives"] == "global"
-    check_checkpoint_loads(result, cfg, client)
-    # 40 usable images / 2 workers = 20 each = 2 batches of 8 = 1 step of 2 micro-batches per
-    # epoch; the hook saw the same steps on both workers.
-    steps = [(tmp_path / f"steps.{rank}").read_text().split("\n")[:-1] for rank in (0, 1)]
-    assert steps[0] == steps[1] == ["0 1", "1 2"]
-    kept = [p for p in (tmp_path / "runs" / "folder").glob("checkpoint_*") if p.is_dir()]
-    assert len(kept) == 1  # run.keep_last
-
-
-def test_parquet_shards_from_a_file_uri(ray_local, tmp_path):
+def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
+    """Parquet shards through a file:// URI (any pyarrow filesystem URI goes the same way),
+    trained one epoch, then resumed to two with the same run name, next to a checkpoint that a
+    crash cut short. (The storage fallback that would pick up such a directory after a worker
+    dies: test_the_storage_fallback_takes_the_newest_complete_checkpoint.)"""
     info = make_image_folder(tmp_path / "folder", n_per_class=12, size=40, split="train")
     make_image_folder(tmp_path / "folder", n_per_class=4, size=40, split="val", bad_files=False)
     write_parquet_shards(info["root"], str(tmp_path / "shards"), size=24, rows_per_shard=10,
                          log=lambda _: None)
-    uri = (tmp_path / "shards").as_uri()  # file:///...: any pyarrow filesystem URI works
-    cfg = tiny_config(tmp_path, "data.source=parquet", f"data.path={uri}",
-                      "run.name=parquet-run", "optim.epochs=1", "optim.warmup_epochs=0")
-    result = run_pretraining(cfg)
-    assert result.run_name == "parquet-run"
-    assert result.metrics["skipped"] == 0  # prepare_data already dropped the bad files
-    check_checkpoint_loads(result, cfg, check_mlflow_run(result, cfg, epochs=1))
 
-
-def test_resume_continues_at_the_next_epoch_and_ignores_a_cut_checkpoint(ray_local, tmp_path):
     def cfg(epochs: int):
-        return tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=64",
-                           f"optim.epochs={epochs}", "run.name=resumable", "run.num_workers=1")
+        return tiny_config(tmp_path, "data.source=parquet",
+                           f"data.path={(tmp_path / 'shards').as_uri()}", "run.name=resumable",
+                           "run.num_workers=1", f"optim.epochs={epochs}",
+                           "optim.warmup_epochs=0")
 
     first = run_pretraining(cfg(1))
-    assert first.metrics["epoch"] == 1
+    assert first.run_name == "resumable" and first.metrics["epoch"] == 1
+    assert first.metrics["skipped"] == 0  # prepare_data already dropped the bad files
     first_state = torch.load(Path(first.checkpoint_path) / STATE_FILE, weights_only=False)
     # What a crash during the next checkpoint leaves behind: a directory Ray Train never
     # registered, with a truncated state file.
@@ -143,9 +112,8 @@ def test_resume_continues_at_the_next_epoch_and_ignores_a_cut_checkpoint(ray_loc
     assert second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 2  # epoch 2 added to epoch 1's steps
-    client = MlflowClient(second.tracking_uri)
-    epochs = client.get_metric_history(second.mlflow_run_id, "epoch")
-    assert sorted(m.step for m in epochs) == [0, 1, 2]  # no epoch logged twice
+    client = check_mlflow_run(second, cfg(2), epochs=2)  # no epoch logged twice
+    check_checkpoint_loads(second, cfg(2), client)
 
 
 def test_the_storage_fallback_takes_the_newest_complete_checkpoint(tmp_path):

@@ -601,7 +601,8 @@ class Synthetic(Source):
     fuses_read = False
 
     @classmethod
-    def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+    def _extent(cls, cfg: Config, split: str, cap: int | None) -> tuple[int, int]:
+        """(samples, id offset) of a split."""
         d = cfg.data
         if _is_train(cfg, split):
             n, offset = d.synthetic_size, 0
@@ -613,6 +614,17 @@ class Synthetic(Source):
         if n <= 0 or d.synthetic_classes <= 0:
             raise DataError(f"data error: synthetic source with {n} samples of "
                             f"{d.synthetic_classes} classes")
+        return n, offset
+
+    @classmethod
+    def size(cls, cfg: Config, split: str, cap: int | None) -> int:
+        """Known from the config: counting would generate every image (seconds per run)."""
+        return cls._extent(cfg, split, cap)[0]
+
+    @classmethod
+    def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
+        d = cfg.data
+        n, offset = cls._extent(cfg, split, cap)
         size, chans, classes = cfg.model.img_size, cfg.model.in_chans, d.synthetic_classes
         if chans not in (1, 3):
             raise DataError(f"data error: synthetic images have 1 or 3 channels, not {chans}")

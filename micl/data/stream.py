@@ -65,23 +65,19 @@ class EpochClock:
     drop_last or an equal split may cut off)."""
 
     def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """A new fit: forget the previous one's counts (the driver calls this)."""
         self._epoch = 0
         self._skipped: dict[int, int] = {}
+        self._attempt: dict[int, int] = {}  # epoch -> the loop start that counted it
         self._examples: list[str] = []
-        self._starts = 0
 
-    def count_start(self) -> int:
-        """Called once per start of the training loop; returns how many starts came before
-        (0 for the first: a restart after a worker failure returns >= 1)."""
-        self._starts += 1
-        return self._starts - 1
-
-    def set(self, epoch: int) -> None:
+    def set(self, epoch: int, attempt: int = 0) -> None:
+        """Every worker calls this as it starts an epoch. `attempt` counts the loop's starts
+        (restarts after a worker failure): an epoch that a restart streams again is counted
+        afresh, not on top of the attempt that died in it."""
         self._epoch = int(epoch)
+        if attempt > self._attempt.get(self._epoch, attempt):
+            self._skipped.pop(self._epoch, None)
+        self._attempt[self._epoch] = max(attempt, self._attempt.get(self._epoch, attempt))
 
     def get(self) -> int:
         return self._epoch
