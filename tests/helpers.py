@@ -7,7 +7,6 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
-import ray
 from PIL import Image
 
 BAD_FILES = 3  # a corrupt JPEG, a zero-byte file and a text file (hidden files don't count)
@@ -54,12 +53,6 @@ def make_image_folder(root: str | pathlib.Path, n_per_class: int = 4,
         bad = [f"{first}/corrupt.jpg", f"{second}/empty.jpg", f"{last}/notes.txt"]
     return {"root": str(root), "split_root": str(split_root), "classes": names,
             "good": good, "bad": bad}
-
-
-def cli_env() -> dict[str, str]:
-    """The environment of a pipeline CLI run by a test: it joins the session's Ray cluster
-    (RAY_ADDRESS, as on a machine where `ray start` runs) instead of starting a second one."""
-    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 class KillOnce:

@@ -8,14 +8,12 @@ and the run the evaluation protocols are tested on.
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import cli_env
 from mlflow.tracking import MlflowClient
 
 from micl.artifacts import STATE_FILE, export_encoder, load_encoder, save_state
@@ -33,6 +31,7 @@ from micl.objectives import (
 )
 from micl.objectives.losses import patch_info_nce
 from micl.train import param_groups
+from pipelines.evaluate import main as evaluate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,33 +165,41 @@ def test_evaluate_run_logs_knn_and_linear_to_the_run(micl_run):
 
 
 @pytest.mark.e2e
-def test_evaluate_cli_low_shot_lars_probe(micl_run):
+def test_evaluate_cli_low_shot_probe_and_a_checkpoint(micl_run, capsys):
     """The CLI's low-shot linear probe (half of the train labels, MAE's LARS optimiser) prints
-    and logs `linear_top1_50pct` at the run's last epoch."""
+    and logs `linear_top1_50pct` at the run's last epoch. Given a Ray Train checkpoint and a
+    --set instead, it evaluates the same encoder on the changed sets and logs to the run that
+    the checkpoint records."""
     _, result = micl_run
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--run-id",
-         result.mlflow_run_id, "--protocol", "linear", "--tracking-uri", result.tracking_uri,
-         "--linear-epochs", "5", "--label-fraction", "0.5", "--probe-optimizer", "lars",
-         "--probe-blr", "50", "--probe-batch", "32"], capture_output=True, text=True,
-        timeout=300, env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("linear_top1_50pct"))
+    uri, run_id = result.tracking_uri, result.mlflow_run_id
+    assert evaluate_cli(["--run-id", run_id, "--protocol", "linear", "--tracking-uri", uri,
+                         "--linear-epochs", "5", "--label-fraction", "0.5",
+                         "--probe-optimizer", "lars", "--probe-blr", "50",
+                         "--probe-batch", "32"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("linear_top1_50pct"))
     printed = float(line.split()[1])
-    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id,
-                                                                    "linear_top1_50pct")
+    client = MlflowClient(uri)
+    history = client.get_metric_history(run_id, "linear_top1_50pct")
     assert len(history) == 1 and abs(history[0].value - printed) < 1e-4
-    assert history[0].step == 2
-    assert "knn_top1" not in proc.stdout
+    assert history[0].step == 2 and "knn_top1" not in out
+
+    knn_before = len(client.get_metric_history(run_id, "knn_top1"))
+    assert evaluate_cli(["--checkpoint", result.checkpoint_path, "--protocol", "knn",
+                         "--tracking-uri", uri, "--set", "data.knn_query_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "(64 train / 16 test images)" in out and f"logged to MLflow run {run_id} (step 2)" in out
+    printed = float(next(x for x in out.splitlines() if x.startswith("knn_top1")).split()[1])
+    knn = client.get_metric_history(run_id, "knn_top1")
+    assert len(knn) == knn_before + 1
+    assert abs(max(knn, key=lambda m: m.timestamp).value - printed) < 1e-4
 
 
 @pytest.mark.e2e
-def test_evaluate_cli_rejects_a_missing_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--run-id", "nope",
-         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "nope" in proc.stderr.strip().splitlines()[-1]
+def test_evaluate_cli_rejects_a_missing_run(tmp_path, capsys):
+    assert evaluate_cli(["--run-id", "nope",
+                         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    assert "nope" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------- a new method

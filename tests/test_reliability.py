@@ -104,7 +104,8 @@ def test_too_many_bad_files_fail_with_examples(ray_local, tmp_path):
     info = make_image_folder(tmp_path / "data", n_per_class=12, size=20, split="train")
     make_image_folder(tmp_path / "data", n_per_class=4, size=20, split="val", bad_files=False)
     cfg = tiny_config(tmp_path, "data.source=imagefolder", f"data.path={info['root']}",
-                      "data.max_bad_fraction=0.01", "optim.epochs=1")
+                      "data.max_bad_fraction=0.01", "optim.epochs=1",
+                      "run.num_workers=1")
     with pytest.raises(PretrainError, match="data.max_bad_fraction") as e:
         run_pretraining(cfg)
     assert any(Path(bad).name in str(e.value) for bad in info["bad"])

@@ -40,7 +40,8 @@ def search(ray_local, tmp_path_factory):
             "data.source=fashion_mnist", "model.img_size=28", "model.in_chans=1",
             "data.mean=[0.286]", "data.std=[0.353]", "data.limit_train=512",
             "data.knn_bank_size=512", "data.knn_query_size=256", "data.batch_size=64",
-            "data.map_batch_size=64", f"optim.epochs={EPOCHS}")
+            "data.map_batch_size=64", f"optim.epochs={EPOCHS}", "optim.warmup_epochs=0",
+            "optim.blr=0.02")
         space = parse_space({"params": {"method.mask_ratio": {"uniform": list(MASK_RATIOS)},
                                         "method.temperature": {"grid": TEMPERATURES}},
                              "scheduler": "asha", "rank_by": "linear_top1"}, base=base)
