@@ -4,6 +4,7 @@ Run (from the repository root; about 5 min on 2 cores):
 
     .venv/bin/python benchmarks/fit_cost.py                  # this checkout
     .venv/bin/python benchmarks/fit_cost.py --code /tmp/old  # another checkout (same venv)
+    .venv/bin/python benchmarks/fit_cost.py --num-workers 1 0  # workers, then local mode
 
 It starts one local Ray (2 CPUs, as the tests do), then fits the same tiny run `--fits` times
 (synthetic 64 images, a 2-block 32-d ViT on 16 px, 1 epoch, 1 worker, kNN on 64 / 32 images,
@@ -27,7 +28,7 @@ OVERRIDES = [
     "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32", "model.depth=2",
     "model.num_heads=2", "method.mask_ratio=0.5", "data.batch_size=8", "data.map_batch_size=16",
     "data.knn_bank_size=64", "data.knn_query_size=32", "optim.epochs=1",
-    "optim.warmup_epochs=0", "run.num_workers=1", "run.cpus_per_worker=1",
+    "optim.warmup_epochs=0", "run.cpus_per_worker=1",
     "data.data_cpus=0.5",
 ]
 
@@ -38,6 +39,9 @@ def main() -> None:
     p.add_argument("--code", default=str(Path(__file__).resolve().parents[1]),
                    help="repository whose micl/ to time")
     p.add_argument("--fits", type=int, default=3)
+    p.add_argument("--num-workers", type=int, nargs="+", default=[1],
+                   help="run.num_workers of the fits, one series each (0: Ray Train's local "
+                        "mode, the loop in this process)")
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     sys.path.insert(0, a.code)
@@ -50,20 +54,21 @@ def main() -> None:
         from micl.pretrain import run_pretraining
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": a.code}})
-    times = []
-    for i in range(a.fits):
-        tmp = Path(tempfile.mkdtemp())
-        cfg = load_config(overrides=[*OVERRIDES, f"run.storage_path={tmp / 'runs'}",
-                                     f"run.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-                                     f"run.name=fit{i}"])
-        t0 = time.perf_counter()
-        result = run_pretraining(cfg)
-        times.append(time.perf_counter() - t0)
-        print(f"fit {i + 1}: {times[-1]:.1f} s (epochs {result.metrics.get('epoch')})",
-              flush=True)
-    later = times[1:] or times
-    print(f"code {a.code}: first fit {times[0]:.1f} s, later fits median "
-          f"{statistics.median(later):.1f} s")
+    for workers in a.num_workers:
+        times = []
+        for i in range(a.fits):
+            tmp = Path(tempfile.mkdtemp())
+            cfg = load_config(overrides=[*OVERRIDES, f"run.storage_path={tmp / 'runs'}",
+                                         f"run.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+                                         f"run.name=fit{i}", f"run.num_workers={workers}"])
+            t0 = time.perf_counter()
+            result = run_pretraining(cfg)
+            times.append(time.perf_counter() - t0)
+            print(f"num_workers={workers} fit {i + 1}: {times[-1]:.1f} s "
+                  f"(epochs {result.metrics.get('epoch')})", flush=True)
+        later = times[1:] or times
+        print(f"code {a.code}, num_workers={workers}: first fit {times[0]:.1f} s, later fits "
+              f"median {statistics.median(later):.1f} s", flush=True)
     ray.shutdown()
 
 

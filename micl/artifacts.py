@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +62,49 @@ def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def _storage(run_dir: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) of a run directory: a local path or any pyarrow URI."""
+    return pafs.FileSystem.from_uri(run_dir) if "://" in run_dir \
+        else (pafs.LocalFileSystem(), str(Path(run_dir).resolve()))
+
+
+def _checkpoint_dirs(fs: pafs.FileSystem, root: str) -> list[str]:
+    """A run's `checkpoint_*` directories, newest first (the names are timestamps)."""
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
+
+
 def latest_checkpoint_on_storage(run_dir: str) -> ray.train.Checkpoint | None:
     """The newest `checkpoint_*` directory of a run that holds a complete state file (written
     by save_state's rename, so never a partial one); local paths or any pyarrow URI."""
-    fs, root = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir \
-        else (pafs.LocalFileSystem(), str(Path(run_dir).resolve()))
+    fs, root = _storage(run_dir)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        dirs = _checkpoint_dirs(fs, root)
     except OSError:
         return None
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_")), reverse=True)
     for d in dirs:
         if fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File:
             return ray.train.Checkpoint(d, filesystem=fs)
     return None
+
+
+def persist_checkpoint(local_dir: str | Path, run_dir: str, keep_last: int
+                       ) -> ray.train.Checkpoint:
+    """Copy a checkpoint's state file to a new `run_dir/checkpoint_<time>` directory and keep
+    the newest `keep_last`: what Ray Train does with a reported checkpoint, done here for a
+    fit in local mode (run.num_workers = 0), which keeps nothing itself. The state file
+    appears under its final name only once complete (a rename), as with save_state."""
+    fs, root = _storage(run_dir)
+    dest = f"{root}/checkpoint_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f')}"
+    fs.create_dir(dest, recursive=True)
+    with open(Path(local_dir) / STATE_FILE, "rb") as src, \
+            fs.open_output_stream(f"{dest}/{STATE_FILE}.tmp") as out:
+        shutil.copyfileobj(src, out)
+    fs.move(f"{dest}/{STATE_FILE}.tmp", f"{dest}/{STATE_FILE}")
+    for old in _checkpoint_dirs(fs, root)[keep_last:]:
+        fs.delete_dir(old)
+    return ray.train.Checkpoint(dest, filesystem=fs)
 
 
 # ----------------------------------------------------------------------------- encoders

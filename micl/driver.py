@@ -192,15 +192,21 @@ def root_cause(error: BaseException) -> str:
 
 def fit_tracked(build: Callable[[], TorchTrainer], logger: RunLogger | None) -> ray.train.Result:
     """Build and fit a trainer; the MLflow run ends FINISHED or FAILED either way (a data error
-    found while building included), and a worker failure becomes one readable PretrainError."""
+    found while building included). A check failing while building raises as it is; any
+    failure of the fit becomes one readable PretrainError, whether Ray wrapped it (workers) or
+    not (local mode, run.num_workers = 0, where the loop runs in this process)."""
+    trainer, threads = None, torch.get_num_threads()  # local mode sets run.torch_threads here
     try:
-        result = build().fit()
+        trainer = build()
+        result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors several levels deep
         if logger:
             logger.end("FAILED")
-        if isinstance(e, ConfigError | PretrainError):
+        if trainer is None and isinstance(e, ConfigError | PretrainError):
             raise
         raise PretrainError(f"training failed: {root_cause(e)}") from e
+    finally:
+        torch.set_num_threads(threads)
     if logger:
         logger.end("FINISHED")
     return result

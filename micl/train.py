@@ -31,6 +31,7 @@ from micl.artifacts import (
     export_encoder,
     latest_checkpoint_on_storage,
     load_checkpoint_state,
+    persist_checkpoint,
     save_state,
 )
 from micl.config import Config, from_dict
@@ -89,6 +90,8 @@ class Worker:
     world: int
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on GPU, none (fp32) on CPU
+    local: bool = False  # Ray Train's local mode (run.num_workers = 0): the loop runs in the
+    # driver process, and Ray Train neither persists checkpoints nor restarts the loop
 
 
 @dataclass
@@ -111,7 +114,8 @@ def worker_context(cfg: Config) -> Worker:
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.manual_seed(cfg.run.seed)
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), device,
-                  torch.bfloat16 if device.type == "cuda" else None)
+                  torch.bfloat16 if device.type == "cuda" else None,
+                  local=cfg.run.num_workers == 0)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -237,9 +241,10 @@ def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, spec: LoopSpec, w
         dist.broadcast_object_list(restarts, src=0)
     state = TrainState(restarts=restarts[0])
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and state.restarts:
+    if checkpoint is None and (state.restarts or w.local):
         # Ray Train registers a reported checkpoint at its next poll of the workers (every 2 s);
         # a worker that dies sooner after a report leaves it complete on storage but unknown.
+        # In local mode the run's checkpoints are only on storage (persist_checkpoint).
         checkpoint = latest_checkpoint_on_storage(spec.run_dir)
     if checkpoint is not None:
         saved = load_checkpoint_state(checkpoint)
@@ -264,14 +269,16 @@ def checkpoint_state(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Co
             "mlflow_run_id": spec.mlflow_run_id, "knn_top1_init": state.knn_init}
 
 
-def report(metrics: dict[str, Any], w: Worker, payload: dict[str, Any] | None) -> None:
+def report(metrics: dict[str, Any], cfg: Config, spec: LoopSpec, w: Worker,
+           payload: dict[str, Any] | None) -> None:
     """ray.train.report on every rank (a barrier); rank 0 attaches `payload` as the
-    checkpoint's state file when given."""
+    checkpoint's state file when given (in local mode, persisted to the run directory here)."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if w.rank == 0 and payload is not None:
             save_state(Path(tmp) / STATE_FILE, payload)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ckpt = persist_checkpoint(tmp, spec.run_dir, cfg.run.keep_last) if w.local \
+                else ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
 
@@ -281,7 +288,7 @@ def save_and_report(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Con
     """Checkpoint (every run.checkpoint_every epochs and at the end), report, then log."""
     due = state.epoch % cfg.run.checkpoint_every == 0 or state.epoch == cfg.optim.epochs
     payload = checkpoint_state(model, opt, cfg, spec, state) if due and w.rank == 0 else None
-    report(metrics, w, payload)
+    report(metrics, cfg, spec, w, payload)
     # Logged once the epoch's checkpoint is safe: a crash between the two can lose an
     # epoch's MLflow row but never log an epoch twice after the resume.
     if logger:
@@ -294,7 +301,7 @@ def stop_on_nonfinite(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: C
     payload = checkpoint_state(model, opt, cfg, spec, state) if w.rank == 0 else None
     if payload is not None:
         payload["nonfinite_at_step"] = state.step
-    report({"epoch": state.epoch, "step": state.step, "nonfinite": 1}, w, payload)
+    report({"epoch": state.epoch, "step": state.step, "nonfinite": 1}, cfg, spec, w, payload)
     raise FloatingPointError(
         f"non-finite loss or gradient at step {state.step + 1} (epoch {state.epoch + 1}): "
         "stopped; the checkpoint from before that step was saved. Lower optim.blr, set "

@@ -224,7 +224,9 @@ def test_finetune_cli_from_scratch(ray_local, tmp_path, capsys):
     """The supervised baseline through the command line, on a low-shot half of the data."""
     from pipelines.finetune import main
 
-    overrides = [*ft_config_overrides(tmp_path), "finetune.label_fraction=0.5"]
+    # Local mode (run.num_workers = 0): workers are the killed-worker test's subject.
+    overrides = [*ft_config_overrides(tmp_path), "finetune.label_fraction=0.5",
+                 "run.num_workers=0"]
     code = main(["--init", "scratch", *[a for o in overrides for a in ("--set", o)]])
     out = capsys.readouterr().out
     assert code == 0, out

@@ -116,6 +116,31 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
     check_checkpoint_loads(second, cfg(2), client)
 
 
+def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
+    """run.num_workers = 0 runs the loop in this process (Ray Train's local mode: for a
+    debugger, and short runs without worker start-up). Ray Train keeps no checkpoint there, so
+    the loop persists each one to the run directory itself, keeps run.keep_last of them, and a
+    second fit with the same name resumes from the newest; this process's torch threads are
+    left as they were."""
+    def cfg(epochs: int):
+        return tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=64",
+                           "run.num_workers=0", "run.keep_last=1", "run.torch_threads=1",
+                           "run.name=local", f"optim.epochs={epochs}")
+
+    threads = torch.get_num_threads()
+    first = run_pretraining(cfg(1))
+    run_dir = tmp_path / "runs" / "local"
+    assert first.metrics["epoch"] == 1 and Path(first.checkpoint_path).parent == run_dir
+    first_step = torch.load(Path(first.checkpoint_path) / STATE_FILE, weights_only=False)["step"]
+    second = run_pretraining(cfg(2))
+    assert second.mlflow_run_id == first.mlflow_run_id and second.metrics["epoch"] == 2
+    state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
+    assert state["step"] == 2 * first_step  # epoch 2 on top of epoch 1, not from scratch
+    assert [p.name for p in run_dir.glob("checkpoint_*")] == [Path(second.checkpoint_path).name]
+    check_checkpoint_loads(second, cfg(2), check_mlflow_run(second, cfg(2), epochs=2))
+    assert torch.get_num_threads() == threads
+
+
 def test_the_storage_fallback_takes_the_newest_complete_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     for name, files in [("checkpoint_2026-01-01_00-00-00.000001", {STATE_FILE: b"old"}),

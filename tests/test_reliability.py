@@ -105,7 +105,7 @@ def test_too_many_bad_files_fail_with_examples(ray_local, tmp_path):
     make_image_folder(tmp_path / "data", n_per_class=4, size=20, split="val", bad_files=False)
     cfg = tiny_config(tmp_path, "data.source=imagefolder", f"data.path={info['root']}",
                       "data.max_bad_fraction=0.01", "optim.epochs=1",
-                      "run.num_workers=1")
+                      "run.num_workers=0")  # local mode: the check runs in the loop either way
     with pytest.raises(PretrainError, match="data.max_bad_fraction") as e:
         run_pretraining(cfg)
     assert any(Path(bad).name in str(e.value) for bad in info["bad"])
@@ -133,7 +133,8 @@ def test_skipped_non_finite_steps_and_an_unreachable_tracking_server(ray_local, 
     with socket.socket() as s:  # a loopback port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = synthetic(tmp_path, "run.num_workers=1", f"run.tracking_uri=http://127.0.0.1:{port}",
+    # Local mode (run.num_workers = 0): the probe is the driver's, the skipping the loop's.
+    cfg = synthetic(tmp_path, "run.num_workers=0", f"run.tracking_uri=http://127.0.0.1:{port}",
                     "method.temperature=1e-45", "optim.nonfinite=skip", "optim.epochs=1",
                     "run.name=skip")
     with pytest.warns(UserWarning, match="WITHOUT recording"):
