@@ -241,10 +241,10 @@ def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, spec: LoopSpec, w
         dist.broadcast_object_list(restarts, src=0)
     state = TrainState(restarts=restarts[0])
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and (state.restarts or w.local):
-        # Ray Train registers a reported checkpoint at its next poll of the workers (every 2 s);
-        # a worker that dies sooner after a report leaves it complete on storage but unknown.
-        # In local mode the run's checkpoints are only on storage (persist_checkpoint).
+    if checkpoint is None:
+        # What Ray Train does not know of, storage may hold: a checkpoint reported less than
+        # Ray Train's 2 s poll before a worker died, and every checkpoint of a fit in local
+        # mode (persist_checkpoint), which a later fit with workers resumes from as well.
         checkpoint = latest_checkpoint_on_storage(spec.run_dir)
     if checkpoint is not None:
         saved = load_checkpoint_state(checkpoint)

@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from micl.artifacts import latest_checkpoint_on_storage
 from micl.config import Config, from_dict, to_yaml
-from micl.driver import build_trainer, check, connect_ray, evaluate_run, resolve
+from micl.driver import build_trainer, check, connect_ray, evaluate_run, fit_tracked, resolve
 from micl.tracking import ROLE_TAG, RunLogger, mlflow_client, start_or_resume_run
 from micl.tune_space import SearchSpace, apply_trial_params
 
@@ -79,9 +79,10 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str):
         run_id = start_or_resume_run(cfg, cfg.run.name, parent_run_id=parent_run_id,
                                      tags={ROLE_TAG: "trial", SEARCH_TAG: search_name,
                                            "micl.trial_id": trial_id})
-        trainer = build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()])
-        trainer.fit()
-        RunLogger(cfg.run.tracking_uri, run_id).end("FINISHED")
+        # The trial's run ends FAILED when building or fitting fails, not left RUNNING.
+        fit_tracked(lambda: build_trainer(cfg, cfg.run.name, run_id,
+                                          callbacks=[TuneReportCallback()]),
+                    RunLogger(cfg.run.tracking_uri, run_id))
 
     return train_trial
 

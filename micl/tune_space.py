@@ -171,7 +171,18 @@ def parse_space(raw: Any, base: Config | None = None, source: str = "<search spa
         path=source,
     )
     _check_search_algorithm(source, space)
+    _check_trial_workers(source, base, space)
     return space
+
+
+def _check_trial_workers(source: str, base: Config, space: SearchSpace) -> None:
+    """A trial reports each epoch to Tune through Ray Train's controller; local mode
+    (run.num_workers = 0) runs the loop without one, so the scheduler would see nothing."""
+    spec = space.params.get("run.num_workers")
+    values = next(iter(spec.values())) if spec else [base.run.num_workers]
+    if min(values) < 1:
+        raise _space_err(source, "run.num_workers", "trials need at least 1 worker: local mode "
+                                                    "(0) reports nothing to Tune")
 
 
 def apply_trial_params(base: Config, params: dict[str, Any]) -> Config:

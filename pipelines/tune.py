@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\n== search {result.name} finished: {len(result.trials)} trials ==")
     print(f"MLflow parent run  {result.parent_run_id}")
+    for trial in result.trials:  # the last line of a failed trial's error: its cause
+        if trial["error"]:
+            cause = trial["error"].strip().splitlines()[-1] if trial["error"].strip() else "?"
+            print(f"error: trial {trial['params']} failed: {cause}", file=sys.stderr)
+    if result.best_metric is None:
+        print(f"error: no trial reported {space.ranking_metric}; nothing to compare",
+              file=sys.stderr)
+        return 1
     print(f"best {space.ranking_metric}  {result.best_metric}  with {result.best_params}")
     try:
         report = compare(parent_run_id=result.parent_run_id, metric=space.ranking_metric,
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text)
     print(f"table CSV  {report.csv_path}\nplot PNG   {report.png_path} (also in the parent run)")
     print(f"MLflow UI  mlflow ui --backend-store-uri {result.tracking_uri}")
-    return 0 if result.best_metric is not None else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ def pretrain_store(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def micl_run(ray_local, pretrain_store):
     """(config, result) of one MiCL run of the pipeline, shared by the tests that inspect a
-    pre-training run: the MimCo teacher, the evaluated run, the fine-tuned encoder."""
-    cfg = tiny_config(pretrain_store, "micl", "run.name=micl-teacher")
+    pre-training run: the MimCo teacher, the evaluated run, the fine-tuned encoder. It fits in
+    local mode (run.num_workers = 0), as these tests inspect what the loop made, not how
+    workers ran it (tests/test_pipeline.py and test_reliability.py fit MiCL with workers)."""
+    cfg = tiny_config(pretrain_store, "micl", "run.name=micl-teacher", "run.num_workers=0")
     return cfg, run_pretraining(cfg)

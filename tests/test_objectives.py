@@ -1,12 +1,13 @@
 """MAE, MACRL, MimCo (and MiCL) through the real pipeline, plus method-specific unit tests.
 
 End-to-end tests: local Ray, a real TorchTrainer, a real MLflow SQLite store in a temporary
-directory, tiny ViTs on tiny synthetic data. The MiCL run (conftest.micl_run) fits Ray Train
-workers and is also the MimCo teacher and the run the evaluation protocols are tested on. MAE,
-MACRL and MimCo fit in Ray Train's local mode (run.num_workers = 0): the same loop, stream,
-checkpoints and MLflow run in this process, without the ~20 s of worker start-up and shutdown
-that add nothing to what these tests check (methods differ in the loop, not in how workers
-start); the method defined in a test fits workers, since registering in them is its point.
+directory, tiny ViTs on tiny synthetic data. The MiCL run (conftest.micl_run) is also the
+MimCo teacher and the run the evaluation protocols are tested on. The four methods fit in Ray
+Train's local mode (run.num_workers = 0): the same loop, stream, checkpoints and MLflow run in
+this process, without the ~20 s of worker start-up and shutdown that add nothing to what these
+tests check (methods differ in the loop, not in how workers start; fits with workers:
+tests/test_pipeline.py, test_reliability.py); the method defined in a test fits a worker,
+since registering in the workers is its point.
 """
 
 from __future__ import annotations

@@ -84,21 +84,22 @@ def write_bad_and_odd_images(root: Path) -> tuple[int, int]:
 
 def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
     """Parquet shards through a file:// URI (any pyarrow filesystem URI goes the same way),
-    trained one epoch, then resumed to two with the same run name, next to a checkpoint that a
-    crash cut short. (The storage fallback that would pick up such a directory after a worker
-    dies: test_the_storage_fallback_takes_the_newest_complete_checkpoint.)"""
+    trained one epoch in local mode (run.num_workers = 0: the loop persists its checkpoint to
+    the run directory), then resumed to two with the same run name by a Ray Train worker, next
+    to a newer checkpoint directory that a crash cut short: the resume takes the newest
+    complete checkpoint on storage, which Ray Train itself never registered."""
     info = make_image_folder(tmp_path / "folder", n_per_class=12, size=40, split="train")
     make_image_folder(tmp_path / "folder", n_per_class=4, size=40, split="val", bad_files=False)
     write_parquet_shards(info["root"], str(tmp_path / "shards"), size=24, rows_per_shard=10,
                          log=lambda _: None)
 
-    def cfg(epochs: int):
+    def cfg(epochs: int, workers: int):
         return tiny_config(tmp_path, "data.source=parquet",
                            f"data.path={(tmp_path / 'shards').as_uri()}", "run.name=resumable",
-                           "run.num_workers=1", f"optim.epochs={epochs}",
+                           f"run.num_workers={workers}", f"optim.epochs={epochs}",
                            "optim.warmup_epochs=0")
 
-    first = run_pretraining(cfg(1))
+    first = run_pretraining(cfg(1, workers=0))
     assert first.run_name == "resumable" and first.metrics["epoch"] == 1
     assert first.metrics["skipped"] == 0  # prepare_data already dropped the bad files
     first_state = torch.load(Path(first.checkpoint_path) / STATE_FILE, weights_only=False)
@@ -107,13 +108,13 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
     broken = tmp_path / "runs" / "resumable" / "checkpoint_2099-01-01_00-00-00.000000"
     broken.mkdir()
     (broken / "state.pt.tmp").write_bytes(b"\x80\x02truncated")
-    second = run_pretraining(cfg(2))
+    second = run_pretraining(cfg(2, workers=1))
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resume
     assert second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 2  # epoch 2 added to epoch 1's steps
-    client = check_mlflow_run(second, cfg(2), epochs=2)  # no epoch logged twice
-    check_checkpoint_loads(second, cfg(2), client)
+    client = check_mlflow_run(second, cfg(2, 1), epochs=2)  # no epoch logged twice
+    check_checkpoint_loads(second, cfg(2, 1), client)
 
 
 def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):

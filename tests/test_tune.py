@@ -121,3 +121,30 @@ def test_the_same_name_restores_the_search(search):
     assert len(children(again)) == 2
     assert sorted(t["epochs"] for t in again.trials) == sorted(t["epochs"] for t in
                                                                 first.trials)
+
+
+def test_cli_search_where_no_trial_scores_says_why_and_exits_1(ray_local, tmp_path, capsys):
+    """pipelines/tune.py when every trial fails (here: fewer training images than one batch,
+    found as each trial builds its trainer): each trial's cause on stderr, exit code 1, and
+    the search's parent run FAILED."""
+    from pipelines.tune import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  method.temperature: {grid: [0.1]}\nscheduler: fifo\n")
+    config = [f"--set={o}" for o in (
+        "data.source=synthetic", "data.synthetic_size=8", "data.batch_size=16",
+        "model.img_size=16", "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32",
+        "model.depth=2", "model.num_heads=2", "run.num_workers=1", "run.cpus_per_worker=1",
+        f"run.storage_path={tmp_path / 'runs'}", f"run.tracking_uri=sqlite:///{tmp_path / 'm.db'}")]
+    code = main(["--space", str(space), "--name", "doomed", "--out", str(tmp_path / "cmp"),
+                 *config])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "fewer than one batch per worker" in err and "no trial reported knn_top1" in err
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    parents = client.search_runs([client.get_experiment_by_name("micl-pretrain").experiment_id],
+                                 "tags.`micl.role` = 'search'")
+    assert [p.info.status for p in parents] == ["FAILED"]
+    trials = client.search_runs([parents[0].info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert [t.info.status for t in trials] == ["FAILED"]  # not left RUNNING

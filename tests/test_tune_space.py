@@ -1,6 +1,7 @@
 """Search spaces: the shipped YAML files load, malformed spaces fail before Ray starts with a
 message naming the field, and the Tune param space has the expected trials."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from micl.config import Config, ConfigError, load_config
 from micl.driver import check
 from micl.tune_space import SearchSpace, apply_trial_params, load_space, parse_space
+from pipelines.tune import DEFAULT_CONFIG as TUNE_DEFAULT_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = {"method.mask_ratio": {"grid": [0.75, 0.9]}, "method.temperature": {"grid": [0.05, 0.1]}}
@@ -123,6 +125,31 @@ def test_values_are_checked_against_the_base_config():
     small = load_config(flat_overrides={"model.img_size": 20})
     with pytest.raises(ConfigError, match="grid value 0.95 .* 25 patches"):
         parse_space(text, base=small)
+
+
+def test_trials_need_ray_train_workers():
+    """Local mode (run.num_workers = 0) has no controller to report a trial's epochs to Tune."""
+    text = {"params": {"method.mask_ratio": {"grid": [0.75, 0.9]}}}
+    with pytest.raises(ConfigError, match="run.num_workers: trials need at least 1 worker"):
+        parse_space(text, base=load_config(flat_overrides={"run.num_workers": 0}))
+    workers = {"params": {"run.num_workers": {"grid": [0, 1]}}}
+    with pytest.raises(ConfigError, match="run.num_workers: trials need"):
+        parse_space(workers)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_space_loads_against_the_cli_default_config(path):
+    """What `pipelines/tune.py --space <file>` checks before Ray starts, for each shipped file."""
+    space = load_space(path, base=check(load_config(TUNE_DEFAULT_CONFIG)))
+    assert space.num_trials() >= 1 and space.params
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna installed")
+def test_optuna_without_its_package_is_a_clear_error():
+    text = {"params": {"method.temperature": {"loguniform": [0.01, 0.1]}}, "search": "optuna"}
+    with pytest.raises(ConfigError, match=r"search: optuna needs the optuna package: pip"):
+        parse_space(text)
 
 
 def test_apply_trial_params_returns_a_validated_copy():
