@@ -61,12 +61,15 @@ def _scheduler(space: SearchSpace, cfg: Config):
                                          grace_period=1, reduction_factor=2)
 
 
-def _search_alg(space: SearchSpace, concurrency: int):
+def _search_alg(space: SearchSpace, concurrency: int, seed: int):
     if space.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return tune.search.ConcurrencyLimiter(OptunaSearch(), max_concurrent=concurrency)
-    return None  # random / grid: Tune's BasicVariantGenerator
+        return tune.search.ConcurrencyLimiter(OptunaSearch(seed=seed),
+                                              max_concurrent=concurrency)
+    # random / grid: Tune's own generator, seeded by run.seed so that a search draws the same
+    # trials again (unseeded, every run of a random search would be a different search).
+    return tune.search.BasicVariantGenerator(random_state=seed)
 
 
 def make_trainable(base: Config, search_name: str, parent_run_id: str):
@@ -142,7 +145,8 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
             param_space=space.to_tune(),
             tune_config=tune.TuneConfig(
                 metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                scheduler=_scheduler(space, base), search_alg=_search_alg(space, concurrency),
+                scheduler=_scheduler(space, base),
+                search_alg=_search_alg(space, concurrency, base.run.seed),
                 max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0),
         )

@@ -95,7 +95,9 @@ def test_parent_children_and_compare(search):
 def test_asha_stops_poor_trials_early(search):
     _, _, result, _ = search
     epochs = {t["params"]["method.temperature"]: t["epochs"] for t in result.trials}
-    assert epochs == {0.02: EPOCHS, 2.0: 1}, epochs  # the soft one stopped at the first rung
+    # The first trial ran every epoch; ASHA stopped the soft one at a rung (1 or 2) before the
+    # last epoch. Which rung depends on the mask ratios drawn (seeded by run.seed).
+    assert epochs[0.02] == EPOCHS and epochs[2.0] < EPOCHS, epochs
     status = {c.info.status for c in children(result)}
     assert "RUNNING" not in status  # stopped trials are closed
     assert "KILLED" in status

@@ -2,6 +2,7 @@
 message naming the field, and the Tune param space has the expected trials."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -137,11 +138,21 @@ def test_trials_need_ray_train_workers():
         parse_space(workers)
 
 
+def documented_command(path: Path) -> tuple[str, list[str]]:
+    """(--config, --set values) of the `Run:` command in a space file's header."""
+    header = path.read_text().split("# Compare:")[0]
+    configs = [c for c in re.findall(r"--config (\S+)", header) if "<" not in c]
+    return (configs[0] if configs else str(TUNE_DEFAULT_CONFIG),
+            re.findall(r"--set (\S+)", header))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")),
                          ids=lambda p: p.stem)
-def test_every_shipped_space_loads_against_the_cli_default_config(path):
-    """What `pipelines/tune.py --space <file>` checks before Ray starts, for each shipped file."""
-    space = load_space(path, base=check(load_config(TUNE_DEFAULT_CONFIG)))
+def test_every_shipped_space_loads_as_its_header_says_to_run_it(path):
+    """What `pipelines/tune.py` checks before Ray starts, for the command each file documents."""
+    config, overrides = documented_command(path)
+    assert "--space tune_spaces/" + path.name in path.read_text()
+    space = load_space(path, base=check(load_config(ROOT / config, overrides)))
     assert space.num_trials() >= 1 and space.params
 
 
