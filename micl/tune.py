@@ -68,8 +68,9 @@ def _search_alg(space: SearchSpace, concurrency: int, seed: int):
         return tune.search.ConcurrencyLimiter(OptunaSearch(seed=seed),
                                               max_concurrent=concurrency)
     # random / grid: Tune's own generator, seeded by run.seed so that a search draws the same
-    # trials again (unseeded, every run of a random search would be a different search).
-    return tune.search.BasicVariantGenerator(random_state=seed)
+    # trials again (unseeded, every run of a random search would be a different search). It
+    # takes the concurrency limit itself: TuneConfig's applies only when Tune builds it.
+    return tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
 
 
 def make_trainable(base: Config, search_name: str, parent_run_id: str):

@@ -65,6 +65,9 @@ def test_parent_children_and_compare(search):
     runs = children(result)
     assert sorted(float(c.data.params["method.temperature"]) for c in runs) == TEMPERATURES
     ratios = [float(c.data.params["method.mask_ratio"]) for c in runs]
+    # One trial at a time on 2 CPUs (each trial's Ray Data needs the CPU its worker leaves).
+    first, second = sorted(runs, key=lambda c: c.info.start_time)
+    assert second.info.start_time >= first.info.end_time
     assert all(MASK_RATIOS[0] <= r <= MASK_RATIOS[1] for r in ratios) and ratios[0] != ratios[1]
     assert all("knn_top1" in c.data.metrics for c in runs)
     report = compare(parent_run_id=result.parent_run_id, out_dir=tmp / "cmp",
