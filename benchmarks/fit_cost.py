@@ -3,7 +3,9 @@
 Run (from the repository root; about 5 min on 2 cores):
 
     .venv/bin/python benchmarks/fit_cost.py                  # this checkout
-    .venv/bin/python benchmarks/fit_cost.py --code /tmp/old  # another checkout (same venv)
+    cd /tmp/old && /path/to/micl/.venv/bin/python /path/to/micl/benchmarks/fit_cost.py \
+        --code /tmp/old     # another checkout, same venv (from its directory: Ray puts the
+                            # driver's working directory first on the workers' path)
     .venv/bin/python benchmarks/fit_cost.py --num-workers 1 0  # workers, then local mode
 
 It starts one local Ray (2 CPUs, as the tests do), then fits the same tiny run `--fits` times

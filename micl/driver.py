@@ -251,17 +251,20 @@ class EncoderFeatures:
 
 
 def features_of(ds: ray.data.Dataset, encoder: torch.nn.Module, cfg: Config,
-                device: torch.device, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device, workers: int = 0, state: ray.ObjectRef | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw cls features [N, D] and labels of an eval stream: pushed through the encoder in this
     process (workers = 0), or by `workers` Ray Data actors on the cluster (a GPU each when the
-    cluster has GPUs): what ImageNet-sized sets need."""
+    cluster has GPUs): what ImageNet-sized sets need. `state`: the encoder's timm state dict
+    already in the object store (put once for several sets), else put here."""
     if workers == 0:
         return extract_features(encoder, ds.iter_torch_batches(batch_size=512),
                                 cfg.data.mean, cfg.data.std, device, l2=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    state = state if state is not None else ray.put(timm_state_dict(encoder))
     out = ds.map_batches(EncoderFeatures, batch_size=512, batch_format="numpy", num_gpus=gpus,
                          compute=ray.data.ActorPoolStrategy(size=workers),
-                         fn_constructor_kwargs={"state": ray.put(timm_state_dict(encoder)),
+                         fn_constructor_kwargs={"state": state,
                                                 "model": cfg.model, "mean": cfg.data.mean,
                                                 "std": cfg.data.std})
     parts = list(out.iter_batches(batch_size=None, batch_format="numpy"))
@@ -333,8 +336,10 @@ def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = loaded.encoder.to(device)
 
+    state = ray.put(timm_state_dict(encoder)) if extract_workers else None  # once, for all sets
+
     def features(ds: ray.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        return features_of(ds, encoder, cfg, device, extract_workers)
+        return features_of(ds, encoder, cfg, device, extract_workers, state)
 
     (bank, bank_labels), (query, query_labels) = features(sets["knn_bank"]), \
         features(sets["knn_query"])
