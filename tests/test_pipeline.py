@@ -20,6 +20,7 @@ from micl.data.sources import DataError
 from micl.driver import run_pretraining
 from micl.models import MaskedViT
 from micl.models.export import load_timm_encoder
+from pipelines.pretrain import main as pretrain_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,14 +173,20 @@ def test_missing_and_empty_paths_fail_before_training(ray_local, tmp_path):
         run_pretraining(cfg)
 
 
-@pytest.mark.parametrize(("override", "field"), [
-    ("method.mask_ratio=1.5", "method.mask_ratio"),
-    ("model.img_size=30", "model.img_size"),
-    ("method.mask_ration=0.5", "method.mask_ration"),
+# A method field's typo is found once torch and the method registry are imported: in a fresh
+# process, nothing of theirs may reach stderr either.
+@pytest.mark.parametrize(("override", "field", "fresh_process"), [
+    ("method.mask_ratio=1.5", "method.mask_ratio", False),
+    ("model.img_size=30", "model.img_size", True),
+    ("method.mask_ration=0.5", "method.mask_ration", True),
 ])
-def test_cli_config_error_is_one_clear_line(override, field):
-    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "pretrain.py"),
-                           "--set", override], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and field in lines[0], proc.stderr
+def test_cli_config_error_is_one_clear_line(override, field, fresh_process, capsys):
+    if fresh_process:  # everything the user would see, warnings of imports included
+        proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "pretrain.py"),
+                               "--set", override], capture_output=True, text=True, timeout=120)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = pretrain_cli(["--set", override]), capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], err
