@@ -285,6 +285,15 @@ def _is_full_grid(table: pd.DataFrame, x: str, y: str) -> bool:
 
 def plot_table(table: pd.DataFrame, metric: str, png_path: str | Path) -> PlotChoice:
     """Draw the comparison plot to `png_path` (PNG, Agg, no pyplot state); return the choice."""
+    fig, choice = comparison_figure(table, metric)
+    description = f"kind={choice.kind}; x={choice.x}; group={choice.group}; metric={metric}"
+    fig.savefig(png_path, dpi=110, metadata={"Title": f"micl compare: {metric}",
+                                              "Description": description})
+    return choice
+
+
+def comparison_figure(table: pd.DataFrame, metric: str) -> tuple[Any, PlotChoice]:
+    """The comparison plot as a matplotlib Figure (not yet rendered), and what it shows."""
     from matplotlib.figure import Figure  # the OO API renders with Agg and touches no backend
 
     choice = choose_plot(table, metric)
@@ -312,10 +321,7 @@ def plot_table(table: pd.DataFrame, metric: str, png_path: str | Path) -> PlotCh
         fig = Figure(figsize=(max(6, 0.6 * n + 2), 4.8), layout="constrained")
         _draw_bars(fig.subplots(), table, metric)
     fig.suptitle(f"{metric} of {n} run{'s' * (n != 1)}", fontsize=12)
-    description = f"kind={choice.kind}; x={choice.x}; group={choice.group}; metric={metric}"
-    fig.savefig(png_path, dpi=110, metadata={"Title": f"micl compare: {metric}",
-                                              "Description": description})
-    return choice
+    return fig, choice
 
 
 def _sorted_values(values: pd.Series) -> list[Any]:

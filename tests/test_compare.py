@@ -17,6 +17,7 @@ from micl.compare import (
     CompareError,
     choose_plot,
     compare,
+    comparison_figure,
     comparison_table,
     find_runs,
     format_table,
@@ -143,6 +144,22 @@ def test_outputs_csv_and_heatmap_png(store, tmp_path):
         assert image.format == "PNG" and image.width > 800
         assert "kind=heatmap" in image.info["Description"]
         assert "x=method.mask_ratio" in image.info["Description"]
+
+
+def test_the_plot_draws_the_tables_values(store):
+    """Not only a PNG: the heatmap's cells and the lines' points are the trials' kNN."""
+    table = comparison_table(find_runs(parent_run_id=store["parent"]))
+    fig, choice = comparison_figure(table, "knn_top1")
+    assert (choice.kind, choice.x, choice.group) == ("heatmap", "method.mask_ratio",
+                                                    "method.temperature")
+    ratios, temps = sorted({r for r, _ in FINAL_KNN}), sorted({t for _, t in FINAL_KNN})
+    cells = fig.axes[0].images[0].get_array()  # rows: temperature, columns: mask ratio
+    assert cells.tolist() == [[FINAL_KNN[(r, t)] for r in ratios] for t in temps]
+    lines = [ax for ax in fig.axes if ax.lines][0].lines
+    assert [line.get_label() for line in lines] == [f"method.temperature = {t:g}" for t in temps]
+    for line, t in zip(lines, temps, strict=True):
+        assert list(line.get_xdata()) == ratios
+        assert list(line.get_ydata()) == pytest.approx([FINAL_KNN[(r, t)] for r in ratios])
 
 
 def test_partial_grid_plots_lines(store, tmp_path):

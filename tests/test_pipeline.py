@@ -114,6 +114,7 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
     assert second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 2  # epoch 2 added to epoch 1's steps
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {state["step"]}
     client = check_mlflow_run(second, cfg(2, 1), epochs=2)  # no epoch logged twice
     check_checkpoint_loads(second, cfg(2, 1), client)
 
@@ -138,6 +139,8 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     assert second.mlflow_run_id == first.mlflow_run_id and second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == 2 * first_step  # epoch 2 on top of epoch 1, not from scratch
+    # The optimizer's state came back too: AdamW counts every step of both fits.
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {state["step"]}
     assert [p.name for p in run_dir.glob("checkpoint_*")] == [Path(second.checkpoint_path).name]
     check_checkpoint_loads(second, cfg(2), check_mlflow_run(second, cfg(2), epochs=2))
     assert torch.get_num_threads() == threads
