@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -90,10 +91,22 @@ def _gray_or_rgb(image: np.ndarray) -> np.ndarray:
     return image[..., 0] if image.shape[-1] == 1 else image  # [H, W, 1] -> [H, W]
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def attention_figure(images_uint8: np.ndarray, attn: torch.Tensor | np.ndarray, patch: int,
                      path: str | Path) -> Path:
+    """`attention_plot` as a PNG at `path`."""
+    return _save(attention_plot(images_uint8, attn, patch), path)
+
+
+def attention_plot(images_uint8: np.ndarray, attn: torch.Tensor | np.ndarray, patch: int
+                   ) -> Any:
     """One column per image: the image on top, its cls attention (one value per patch, each
-    image scaled to its own max) over a faded copy of it below.
+    image scaled to its own max) over a faded copy of it below. A pyplot Figure (close it).
 
     images_uint8: [N, H, W, C]; attn: [N, L] with L = (H / patch) * (W / patch).
     """
@@ -113,15 +126,20 @@ def attention_figure(images_uint8: np.ndarray, attn: torch.Tensor | np.ndarray, 
     axes[0, 0].set_title("image", fontsize=8, loc="left")
     axes[1, 0].set_title("cls attention", fontsize=8, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def embedding_figure(feats: torch.Tensor, labels: torch.Tensor | np.ndarray,
                      class_names: Sequence[str], path: str | Path, title: str) -> Path:
+    """`embedding_plot` as a PNG at `path`."""
+    return _save(embedding_plot(feats, labels, class_names, title), path)
+
+
+def embedding_plot(feats: torch.Tensor, labels: torch.Tensor | np.ndarray,
+                   class_names: Sequence[str], title: str) -> Any:
     """2-D PCA of features [N, D], one colour per class (labels [N]), class names in a legend.
-    A linear projection: clusters seen here are also there for a linear probe."""
+    A linear projection: clusters seen here are also there for a linear probe. A pyplot
+    Figure (close it)."""
     xy = pca_2d(torch.as_tensor(feats)).numpy()  # [N, 2]
     labels = np.asarray(torch.as_tensor(labels).cpu())
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
@@ -137,15 +155,20 @@ def embedding_figure(feats: torch.Tensor, labels: torch.Tensor | np.ndarray,
     ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5),
               frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def knn_curves_figure(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str,
                       baselines: dict[str, float] | None = None) -> Path:
+    """`knn_curves_plot` as a PNG at `path`."""
+    return _save(knn_curves_plot(curves, title, baselines), path)
+
+
+def knn_curves_plot(curves: dict[str, list[tuple[int, float]]], title: str,
+                    baselines: dict[str, float] | None = None) -> Any:
     """kNN top-1 against epoch, one line per run (the dict key is its label), the last value
-    written at its end; baselines (raw pixels, random init, ...) as dashed horizontal lines."""
+    written at its end; baselines (raw pixels, random init, ...) as dashed horizontal lines.
+    A pyplot Figure (close it)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, points in curves.items():
         if not points:
@@ -165,9 +188,7 @@ def knn_curves_figure(curves: dict[str, list[tuple[int, float]]], path: str | Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 # ----------------------------------------------------------------------------- from runs

@@ -7,6 +7,7 @@ import importlib.util
 import pathlib
 import tempfile
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -18,9 +19,12 @@ from micl.config import Config, ModelConfig
 from micl.driver import check
 from micl.figures import (
     attention_figure,
+    attention_plot,
     cls_attention,
     embedding_figure,
+    embedding_plot,
     knn_curves_figure,
+    knn_curves_plot,
     metric_history,
     pca_2d,
 )
@@ -118,6 +122,33 @@ def test_figures_write_pngs(tmp_path):
     curves = {"micl": [(0, 0.6), (1, 0.7), (2, 0.75)], "mae": [(0, 0.5), (2, 0.68)]}
     assert png_size(knn_curves_figure(curves, tmp_path / "knn.png", "kNN",
                                       {"raw pixels": 0.846, "random init": 0.65}))[0] > 0
+
+
+def test_the_plots_draw_what_they_are_given():
+    """Not only PNGs: the curves, baselines, PCA points and attention maps are the inputs."""
+    curves = {"micl": [(0, 0.6), (1, 0.7), (2, 0.75)], "mae": [(0, 0.5), (2, 0.68)]}
+    fig = knn_curves_plot(curves, "kNN", {"raw pixels": 0.846})
+    lines = fig.axes[0].lines
+    for line, (label, points) in zip(lines, curves.items(), strict=False):
+        assert line.get_label() == label
+        assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == points
+    assert list(lines[2].get_ydata()) == [0.846, 0.846] and lines[2].get_linestyle() == "--"
+    plt.close(fig)
+
+    feats, labels = torch.randn(60, 8), torch.arange(60) % 3
+    fig = embedding_plot(feats, labels, ["a", "b", "c"], "test")
+    xy = pca_2d(feats).numpy()
+    for c, points in enumerate(fig.axes[0].collections):
+        np.testing.assert_allclose(points.get_offsets(), xy[labels.numpy() == c], rtol=1e-6)
+    plt.close(fig)
+
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    attn = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])  # 2 x 2 patches of 4 px
+    fig = attention_plot(images, attn, 4)
+    heat = fig.axes[2].images[1].get_array()  # column 0, bottom row: the attention overlay
+    assert heat.shape == (8, 8)
+    np.testing.assert_allclose(heat[::4, ::4], [[0.25, 0.5], [0.75, 1.0]], rtol=1e-6)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- MLflow
