@@ -90,8 +90,6 @@ class Worker:
     world: int
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on GPU, none (fp32) on CPU
-    local: bool = False  # Ray Train's local mode (run.num_workers = 0): the loop runs in the
-    # driver process, and Ray Train neither persists checkpoints nor restarts the loop
 
 
 @dataclass
@@ -114,8 +112,7 @@ def worker_context(cfg: Config) -> Worker:
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.manual_seed(cfg.run.seed)
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), device,
-                  torch.bfloat16 if device.type == "cuda" else None,
-                  local=cfg.run.num_workers == 0)
+                  torch.bfloat16 if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -272,13 +269,14 @@ def checkpoint_state(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Co
 def report(metrics: dict[str, Any], cfg: Config, spec: LoopSpec, w: Worker,
            payload: dict[str, Any] | None) -> None:
     """ray.train.report on every rank (a barrier); rank 0 attaches `payload` as the
-    checkpoint's state file when given (in local mode, persisted to the run directory here)."""
+    checkpoint's state file when given. Ray Train's local mode (run.num_workers = 0: the loop
+    in the driver process) keeps no checkpoint, so there it is persisted to the run here."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if w.rank == 0 and payload is not None:
             save_state(Path(tmp) / STATE_FILE, payload)
-            ckpt = persist_checkpoint(tmp, spec.run_dir, cfg.run.keep_last) if w.local \
-                else ray.train.Checkpoint.from_directory(tmp)
+            ckpt = persist_checkpoint(tmp, spec.run_dir, cfg.run.keep_last) \
+                if cfg.run.num_workers == 0 else ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
 

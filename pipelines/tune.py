@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow parent run  {result.parent_run_id}")
     for trial in result.trials:  # the last line of a failed trial's error: its cause
         if trial["error"]:
-            cause = trial["error"].strip().splitlines()[-1] if trial["error"].strip() else "?"
-            print(f"error: trial {trial['params']} failed: {cause}", file=sys.stderr)
+            lines = trial["error"].strip().splitlines()
+            print(f"error: trial {trial['params']} failed: {lines[-1] if lines else '?'}",
+                  file=sys.stderr)
     if result.best_metric is None:
         print(f"error: no trial reported {space.ranking_metric}; nothing to compare",
               file=sys.stderr)

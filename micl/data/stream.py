@@ -75,9 +75,9 @@ class EpochClock:
         (restarts after a worker failure): an epoch that a restart streams again is counted
         afresh, not on top of the attempt that died in it."""
         self._epoch = int(epoch)
-        if attempt > self._attempt.get(self._epoch, attempt):
+        if attempt > self._attempt.setdefault(self._epoch, attempt):
             self._skipped.pop(self._epoch, None)
-        self._attempt[self._epoch] = max(attempt, self._attempt.get(self._epoch, attempt))
+            self._attempt[self._epoch] = attempt
 
     def get(self) -> int:
         return self._epoch
