@@ -75,18 +75,21 @@ def _checkpoint_dirs(fs: pafs.FileSystem, root: str) -> list[str]:
                    and i.base_name.startswith("checkpoint_")), reverse=True)
 
 
+def _complete_checkpoint_dirs(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The `checkpoint_*` directories holding a complete state file (written by a rename, so
+    never a partial one), newest first."""
+    return [d for d in _checkpoint_dirs(fs, root)
+            if fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File]
+
+
 def latest_checkpoint_on_storage(run_dir: str) -> ray.train.Checkpoint | None:
-    """The newest `checkpoint_*` directory of a run that holds a complete state file (written
-    by save_state's rename, so never a partial one); local paths or any pyarrow URI."""
+    """The newest complete `checkpoint_*` directory of a run; local paths or any pyarrow URI."""
     fs, root = _storage(run_dir)
     try:
-        dirs = _checkpoint_dirs(fs, root)
+        dirs = _complete_checkpoint_dirs(fs, root)
     except OSError:
         return None
-    for d in dirs:
-        if fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File:
-            return ray.train.Checkpoint(d, filesystem=fs)
-    return None
+    return ray.train.Checkpoint(dirs[0], filesystem=fs) if dirs else None
 
 
 def persist_checkpoint(local_dir: str | Path, run_dir: str, keep_last: int
@@ -102,7 +105,10 @@ def persist_checkpoint(local_dir: str | Path, run_dir: str, keep_last: int
             fs.open_output_stream(f"{dest}/{STATE_FILE}.tmp") as out:
         shutil.copyfileobj(src, out)
     fs.move(f"{dest}/{STATE_FILE}.tmp", f"{dest}/{STATE_FILE}")
-    for old in _checkpoint_dirs(fs, root)[keep_last:]:
+    # Keep this one and the newest keep_last - 1 other complete ones, as Ray Train keeps the
+    # checkpoints it registered; a directory a crash cut short is never counted as kept.
+    older = [d for d in _complete_checkpoint_dirs(fs, root) if d != dest]
+    for old in older[keep_last - 1:]:
         fs.delete_dir(old)
     return ray.train.Checkpoint(dest, filesystem=fs)
 

@@ -13,7 +13,12 @@ from helpers import make_image_folder
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from micl.artifacts import STATE_FILE, latest_checkpoint_on_storage
+from micl.artifacts import (
+    STATE_FILE,
+    latest_checkpoint_on_storage,
+    persist_checkpoint,
+    save_state,
+)
 from micl.config import load_config
 from micl.data.prepare import write_parquet_shards
 from micl.data.sources import DataError
@@ -160,6 +165,24 @@ def test_the_storage_fallback_takes_the_newest_complete_checkpoint(tmp_path):
     assert latest_checkpoint_on_storage(run_dir.as_uri()).path.endswith(
         "checkpoint_2026-01-02_00-00-00.000001")  # the same through a file:// URI
     assert latest_checkpoint_on_storage(str(tmp_path / "missing")) is None
+
+
+def test_persist_checkpoint_keeps_the_newest_complete_ones(tmp_path):
+    """Local mode's own checkpoint keeping: the new checkpoint and the newest keep_last - 1
+    complete others stay, whatever directories a crash cut short (even newer-named ones)."""
+    run_dir, src = tmp_path / "run", tmp_path / "src"
+    src.mkdir()
+    cut = run_dir / "checkpoint_2099-01-01_00-00-00.000000"  # newer name, no state file
+    cut.mkdir(parents=True)
+    (cut / "state.pt.tmp").write_bytes(b"cut")
+    kept = []
+    for epoch in (1, 2, 3):
+        save_state(src / STATE_FILE, {"epoch": epoch})
+        kept.append(Path(persist_checkpoint(src, str(run_dir), keep_last=2).path))
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([kept[1].name, kept[2].name,
+                                                                 cut.name])
+    assert torch.load(kept[2] / STATE_FILE)["epoch"] == 3
+    assert latest_checkpoint_on_storage(str(run_dir)).path == str(kept[2])
 
 
 def test_missing_and_empty_paths_fail_before_training(ray_local, tmp_path):
