@@ -146,6 +146,10 @@ class RunSettings:
     experiment: str = "micl-pretrain"
     checkpoint_every: int = 1  # epochs
     eval_every: int = 1  # epochs between kNN evaluations (the last epoch always evaluates)
+    log_every_steps: int = 10  # MLflow step/loss, step/lr, step/images_per_s every N steps
+    register_model: str | None = None  # also register the encoder in MLflow's model registry
+    progress_every_s: float = 10.0  # a progress line this often when the output is no terminal
+    system_metrics_every_s: float = 10.0  # MLflow system metrics (CPU, memory, GPU); 0: off
     keep_last: int = 2
     max_failures: int = 0
     torch_threads: int | None = None  # intra-op threads per training worker (None: Ray's choice)
@@ -256,6 +260,10 @@ def _validate_run(r: RunSettings) -> None:
     _positive("run.cpus_per_worker", r.cpus_per_worker)
     _positive("run.checkpoint_every", r.checkpoint_every)
     _positive("run.eval_every", r.eval_every)
+    _positive("run.log_every_steps", r.log_every_steps)
+    _positive("run.progress_every_s", r.progress_every_s)
+    if r.system_metrics_every_s < 0:
+        raise _err("run.system_metrics_every_s", r.system_metrics_every_s, "must be >= 0 (0: off)")
     _positive("run.keep_last", r.keep_last)
     if r.max_failures < -1:
         raise _err("run.max_failures", r.max_failures, "must be >= -1 (-1 retries forever)")

@@ -27,7 +27,16 @@ from ray.train.torch import TorchTrainer
 from micl import objectives
 from micl.artifacts import load_encoder
 from micl.config import Config, ConfigError, ModelConfig, with_overrides
-from micl.data.sources import check_source, load_split, split_size
+from micl.console import (
+    Console,
+    ProgressView,
+    quiet_driver_logs,
+    silent_console,
+    verbose,
+    view_console,
+    watch,
+)
+from micl.data.sources import check_source, data_location, load_split, split_size
 from micl.data.stream import (
     NAMESPACE,
     EpochClock,
@@ -88,9 +97,13 @@ def connect_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}}
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+    # Ray's workers print their internals (resource requests, checkpoint and report dumps,
+    # deprecation notes) to the driver; micl's own lines reach it through micl.console, so by
+    # default that channel stays shut and the output stays in Ray's log files.
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=verbose(),
+             configure_logging=True, logging_level="INFO" if verbose() else "WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_driver_logs()
 
 
 def storage_path(cfg: Config) -> str:
@@ -110,6 +123,13 @@ def train_set(cfg: Config) -> tuple[ray.data.Dataset, int]:
             f"data: {num_train} training images is fewer than one batch per worker "
             f"(data.batch_size = {cfg.data.batch_size} x run.num_workers = {cfg.run.num_workers})")
     return load_split(cfg, cfg.data.train_split), num_train
+
+
+def log_training_data(cfg: Config, mlflow_run_id: str | None, num_train: int) -> None:
+    """The training split as the run's MLflow dataset input."""
+    if mlflow_run_id:
+        RunLogger(cfg.run.tracking_uri, mlflow_run_id).dataset(
+            f"{cfg.data.source}/{cfg.data.train_split}", data_location(cfg), num_train)
 
 
 def knn_sets(cfg: Config, cache: bool = True) -> dict[str, ray.data.Dataset]:
@@ -137,11 +157,12 @@ def fit_actors(run_name: str) -> tuple[str, str]:
 
 
 def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
-                  hooks: Sequence[StepHook] = (), callbacks: list | None = None
-                  ) -> TorchTrainer:
+                  hooks: Sequence[StepHook] = (), callbacks: list | None = None,
+                  console_name: str | None = None) -> TorchTrainer:
     """A pre-training TorchTrainer for a checked and resolved cfg (see `check`, `resolve`)."""
     train, num_train = train_set(cfg)
-    spec = loop_spec(cfg, run_name, num_train, mlflow_run_id, hooks)
+    log_training_data(cfg, mlflow_run_id, num_train)
+    spec = loop_spec(cfg, run_name, num_train, mlflow_run_id, hooks, console_name)
     datasets = {"train": train_stream(train, cfg, spec.clock_name, objectives.stream_spec(cfg)),
                 **knn_sets(cfg)}
     return torch_trainer(train_loop_per_worker, spec, cfg, run_name, datasets, ["train"],
@@ -149,13 +170,13 @@ def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
 
 
 def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | None,
-              hooks: Sequence[StepHook] = ()) -> LoopSpec:
+              hooks: Sequence[StepHook] = (), console_name: str | None = None) -> LoopSpec:
     """What every worker of a fit gets, with a fresh epoch clock and start counter."""
     clock_name, starts_name = fit_actors(run_name)
     return LoopSpec(config=cfg.to_dict(), num_train=num_train,
                     run_dir=f"{cfg.run.storage_path.rstrip('/')}/{run_name}",
                     clock_name=clock_name, starts_name=starts_name,
-                    mlflow_run_id=mlflow_run_id, hooks=tuple(hooks))
+                    mlflow_run_id=mlflow_run_id, hooks=tuple(hooks), console_name=console_name)
 
 
 def torch_trainer(loop: Callable[[Any], None], loop_config: Any, cfg: Config, run_name: str,
@@ -220,7 +241,9 @@ def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResu
     run_name = cfg.run.name or default_run_name(cfg)
     mlflow_run_id = open_run(cfg, run_name)
     logger = RunLogger(cfg.run.tracking_uri, mlflow_run_id) if mlflow_run_id else None
-    result = fit_tracked(lambda: build_trainer(cfg, run_name, mlflow_run_id, hooks), logger)
+    with watch(ProgressView(every_s=cfg.run.progress_every_s)) as console:
+        result = fit_tracked(lambda: build_trainer(cfg, run_name, mlflow_run_id, hooks,
+                                                   console_name=console), logger)
     return PretrainResult(
         run_name=run_name, mlflow_run_id=mlflow_run_id, tracking_uri=cfg.run.tracking_uri,
         metrics=dict(result.metrics or {}),
@@ -251,14 +274,18 @@ class EncoderFeatures:
 
 
 def features_of(ds: ray.data.Dataset, encoder: torch.nn.Module, cfg: Config,
-                device: torch.device, workers: int = 0, state: ray.ObjectRef | None = None
+                device: torch.device, workers: int = 0, state: ray.ObjectRef | None = None,
+                console: Console | None = None, phase: str = "features"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw cls features [N, D] and labels of an eval stream: pushed through the encoder in this
     process (workers = 0), or by `workers` Ray Data actors on the cluster (a GPU each when the
     cluster has GPUs): what ImageNet-sized sets need. `state`: the encoder's timm state dict
-    already in the object store (put once for several sets), else put here."""
+    already in the object store (put once for several sets), else put here. `console` shows
+    the pass's progress as `phase`."""
+    console = console or silent_console()
     if workers == 0:
-        return extract_features(encoder, ds.iter_torch_batches(batch_size=512),
+        return extract_features(encoder, console.track(ds.iter_torch_batches(batch_size=512),
+                                                       phase, lambda b: len(b["label"])),
                                 cfg.data.mean, cfg.data.std, device, l2=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     state = state if state is not None else ray.put(timm_state_dict(encoder))
@@ -267,7 +294,8 @@ def features_of(ds: ray.data.Dataset, encoder: torch.nn.Module, cfg: Config,
                          fn_constructor_kwargs={"state": state,
                                                 "model": cfg.model, "mean": cfg.data.mean,
                                                 "std": cfg.data.std})
-    parts = list(out.iter_batches(batch_size=None, batch_format="numpy"))
+    parts = list(console.track(out.iter_batches(batch_size=None, batch_format="numpy"),
+                               phase, lambda b: len(b["label"])))
     if not parts:
         raise ValueError("no images to extract features from (empty dataset)")
     return (torch.from_numpy(np.concatenate([p["feature"] for p in parts])),
@@ -337,19 +365,20 @@ def evaluate_run(run_id: str | None = None, checkpoint: str | None = None,
     encoder = loaded.encoder.to(device)
 
     state = ray.put(timm_state_dict(encoder)) if extract_workers else None  # once, for all sets
+    console = view_console(ProgressView())
 
-    def features(ds: ray.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        return features_of(ds, encoder, cfg, device, extract_workers, state)
+    def features(ds: ray.data.Dataset, phase: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return features_of(ds, encoder, cfg, device, extract_workers, state, console, phase)
 
-    (bank, bank_labels), (query, query_labels) = features(sets["knn_bank"]), \
-        features(sets["knn_query"])
+    (bank, bank_labels), (query, query_labels) = features(sets["knn_bank"], "features (bank)"), \
+        features(sets["knn_query"], "features (queries)")
     metrics: dict[str, float] = {}
     if "knn" in protocols:
         metrics["knn_top1"] = knn_top1(F.normalize(bank, dim=-1), bank_labels,
                                        F.normalize(query, dim=-1), query_labels)
     if "linear" in protocols:
         train, train_labels = (bank, bank_labels) if label_fraction >= 1 else \
-            features(low_shot_set(cfg, label_fraction, label_seed))
+            features(low_shot_set(cfg, label_fraction, label_seed), "features (low-shot)")
         metrics["linear_top1" + subset_suffix(label_fraction)] = linear_probe(
             train, train_labels, query, query_labels, epochs=linear_epochs, seed=cfg.run.seed,
             **(probe or {}))

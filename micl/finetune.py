@@ -19,6 +19,7 @@ tag back to this one, so `compare(metric="finetune_top1")` ranks pre-training ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
@@ -41,6 +42,7 @@ from torch import nn
 
 from micl.artifacts import PretrainedEncoder, load_encoder
 from micl.config import Config, ConfigError, ModelConfig, from_dict
+from micl.console import ProgressView, watch
 from micl.data.sources import check_source, class_names, load_split
 from micl.data.stream import (
     StreamSpec,
@@ -53,6 +55,7 @@ from micl.data.transforms import normalize
 from micl.driver import (
     connect_ray,
     fit_tracked,
+    log_training_data,
     loop_spec,
     resolve,
     torch_trainer,
@@ -174,7 +177,7 @@ def evaluate_classifier(net: nn.Module, cfg: Config, w: Worker) -> dict[str, flo
 
 def finetune_loop_per_worker(spec: FinetuneSpec) -> None:
     cfg = from_dict(spec.loop.config)
-    w = worker_context(cfg)
+    w = worker_context(cfg, spec.loop)
     model = build_classifier(cfg, spec.num_classes, spec.init_weights)
     opt = torch.optim.AdamW(layer_decay_groups(model.net, cfg), lr=base_lr(cfg, w.world),
                             betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -184,17 +187,20 @@ def finetune_loop_per_worker(spec: FinetuneSpec) -> None:
     logger = run_logger(spec.loop, cfg, w)
     if logger and state.epoch == 0:
         logger.config(cfg)
-    while state.epoch < cfg.optim.epochs:
-        sums = train_epoch(wrapped, opt, cfg, spec.loop, state, w, logger)
-        metrics = {**epoch_metrics(sums, cfg, spec.loop, state, w),
-                   **evaluate_classifier(unwrap(wrapped).net, cfg, w)}
-        print_epoch(metrics, cfg, w)
-        save_and_report(wrapped, opt, cfg, spec.loop, state, metrics, w, logger)
+    every_s = cfg.run.system_metrics_every_s
+    with logger.system_metrics(every_s) if logger and every_s else contextlib.nullcontext():
+        while state.epoch < cfg.optim.epochs:
+            sums = train_epoch(wrapped, opt, cfg, spec.loop, state, w, logger)
+            metrics = {**epoch_metrics(sums, cfg, spec.loop, state, w),
+                       **evaluate_classifier(unwrap(wrapped).net, cfg, w)}
+            print_epoch(metrics, cfg, w)
+            save_and_report(wrapped, opt, cfg, spec.loop, state, metrics, w, logger)
     if logger:
         with tempfile.TemporaryDirectory() as d:
             for path in export_classifier(model.net, cfg.model, spec.num_classes,
                                           cfg.finetune.global_pool, d):
                 logger.artifact(path, "classifier")
+        logger.model(model.net, "classifier", step=state.epoch)
 
 
 def export_classifier(net: nn.Module, m: ModelConfig, num_classes: int, global_pool: str,
@@ -274,12 +280,13 @@ def finetune_params(cfg: Config) -> dict[str, Any]:
 
 
 def build_finetune_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
-                           init_weights: Any, hooks: Sequence[StepHook] = ()
-                           ) -> ray.train.torch.TorchTrainer:
+                           init_weights: Any, hooks: Sequence[StepHook] = (),
+                           console_name: str | None = None) -> ray.train.torch.TorchTrainer:
     f = cfg.finetune
     train, num_train = train_set(cfg)
     num_train = max(1, round(num_train * f.label_fraction))  # low-shot: the subset's size
-    spec = FinetuneSpec(loop_spec(cfg, run_name, num_train, mlflow_run_id, hooks),
+    log_training_data(cfg, mlflow_run_id, num_train)
+    spec = FinetuneSpec(loop_spec(cfg, run_name, num_train, mlflow_run_id, hooks, console_name),
                         f.num_classes, init_weights)
     views = StreamSpec(views={"image": f.randaug or "weak"})
     datasets = {
@@ -317,8 +324,9 @@ def run_finetuning(cfg: Config, hooks: Sequence[StepHook] = ()) -> FinetuneResul
     logger = RunLogger(cfg.run.tracking_uri, mlflow_run_id) if mlflow_run_id else None
     # The weights go through the object store once; the driver holds the reference.
     weights = ray.put(timm_state_dict(encoder.encoder)) if encoder is not None else None
-    result = fit_tracked(lambda: build_finetune_trainer(cfg, run_name, mlflow_run_id, weights,
-                                                        hooks), logger)
+    with watch(ProgressView(every_s=cfg.run.progress_every_s)) as console:
+        result = fit_tracked(lambda: build_finetune_trainer(
+            cfg, run_name, mlflow_run_id, weights, hooks, console_name=console), logger)
     metrics = dict(result.metrics or {})
     link_runs(cfg, mlflow_run_id, encoder, metrics)
     return FinetuneResult(

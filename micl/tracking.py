@@ -13,6 +13,7 @@ from typing import Any
 
 from micl.config import Config, to_yaml
 
+ROOT = Path(__file__).resolve().parents[1]
 RUN_NAME_TAG = "micl.run_name"  # the Ray Train run name: resuming it reuses the MLflow run
 ROLE_TAG = "micl.role"  # "train", "search" (a Tune parent), "trial" (a Tune child), "finetune"
 PRETRAIN_RUN_TAG = "micl.pretrain_run_id"  # on a fine-tuning run: the run it started from
@@ -94,16 +95,58 @@ def mlflow_client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def get_or_create_experiment(uri: str, name: str) -> str:
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older micl, or by hand
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):
         # Next to the database, absolute: the default ./mlartifacts depends on the cwd.
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifacts,
+                                    tags=dict([EXPERIMENT_KIND]))
+
+
+def source_tags() -> dict[str, str]:
+    """What MLflow shows as a run's source: the entry script, the user, and the git commit
+    of this checkout when it is one (a `ray job submit` upload has no .git: no commit)."""
+    import getpass
+    import subprocess
+    import sys
+
+    tags = {"mlflow.source.type": "LOCAL",
+            "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "micl"}
+    with contextlib.suppress(Exception):
+        tags["mlflow.user"] = getpass.getuser()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+
+    with contextlib.suppress(Exception):
+        tags["mlflow.source.git.commit"] = git("rev-parse", "HEAD")
+        tags["mlflow.source.git.branch"] = git("rev-parse", "--abbrev-ref", "HEAD")
+        tags["micl.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no")))
+    return tags
+
+
+def describe_run(cfg: Config, role: str) -> str:
+    """The run's description (MLflow's note): what ran, on what, for how long."""
+    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+    what = {"finetune": f"Fine-tuning (init: {cfg.finetune.init})",
+            "search": f"Search over {cfg.method.name}",
+            "trial": f"Search trial: {cfg.method.name} pre-training"}.get(
+                role, f"{cfg.method.name} pre-training")
+    return (f"{what} of {m.name} (patch {m.patch_size}, {m.img_size} px) on {d.source}"
+            f"{' at ' + d.path if d.path else ''}: {o.epochs} epochs, batch {d.batch_size} x "
+            f"{max(r.num_workers, 1)} worker(s), blr {o.blr:g}.")
 
 
 def pretrain_params(cfg: Config) -> dict[str, Any]:
@@ -128,12 +171,39 @@ def start_or_resume_run(cfg: Config, run_name: str, tags: dict[str, str] | None 
         client.update_run(run_id, status="RUNNING")
         return run_id
     all_tags = {RUN_NAME_TAG: run_name, ROLE_TAG: "train", "mlflow.runName": run_name,
-                **(tags or {})}
+                **source_tags(), **(tags or {})}
+    all_tags.setdefault("mlflow.note.content", describe_run(cfg, all_tags[ROLE_TAG]))
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     log_params(client, run.info.run_id, pretrain_params(cfg) if params is None else params)
     return run.info.run_id
+
+
+def log_dataset(uri: str, run_id: str, name: str, location: str, num_rows: int,
+                context: str = "training") -> None:
+    """The data a run trained on as an MLflow dataset input (the run's Datasets column): its
+    location and size. Logging the same input again (a resumed run) changes nothing."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    scheme = location.split("://", 1)[0] if "://" in location else "local"
+    digest = hashlib.sha256(f"{location}|{name}|{num_rows}".encode()).hexdigest()[:8]
+    dataset = Dataset(name=name, digest=digest, source_type=scheme,
+                      source=json.dumps({"uri": location}),
+                      profile=json.dumps({"num_rows": num_rows}))
+    mlflow_client(uri).log_inputs(run_id, [DatasetInput(
+        dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def model_requirements() -> list[str]:
+    """What a logged model needs to load: the versions this run used."""
+    import timm
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -179,6 +249,11 @@ class RunLogger:
 
         self._guard("metrics", log)
 
+    def dataset(self, name: str, location: str, num_rows: int, context: str = "training"
+                ) -> None:
+        self._guard("the dataset input", log_dataset, self.uri, self.run_id, name, location,
+                    num_rows, context)
+
     def tags(self, tags: dict[str, str]) -> None:
         def log() -> None:
             client = mlflow_client(self.uri)
@@ -199,6 +274,58 @@ class RunLogger:
 
     def config(self, cfg: Config) -> None:
         self.text(to_yaml(cfg), "config.yaml")
+
+    def model(self, module: Any, name: str, step: int, register_as: str | None = None
+              ) -> str | None:
+        """`module` as an MLflow logged model of this run at `step` (MLflow links that step's
+        metrics to it), loadable with `mlflow.pytorch.load_model` anywhere (micl's code goes
+        with it), and registered as `register_as` when given. Returns the model id.
+
+        Pickled, not MLflow's default pt2: torch.export would fix the batch size it traced
+        and drop the encoder's optional patch-index argument."""
+        logged: dict[str, str] = {}
+
+        def log() -> None:
+            import logging
+
+            import mlflow.pytorch
+
+            pickle_note = logging.getLogger("mlflow.pytorch")  # its warning about pickle
+            level = pickle_note.level
+            pickle_note.setLevel(logging.ERROR)
+            try:
+                with use_tracking_uri(self.uri):
+                    info = mlflow.pytorch.log_model(
+                        module, name=name, step=step, run_id=self.run_id,
+                        registered_model_name=register_as, serialization_format="pickle",
+                        code_paths=[str(ROOT / "micl")], pip_requirements=model_requirements())
+            finally:
+                pickle_note.setLevel(level)
+            logged["id"] = info.model_id
+
+        self._guard(f"the logged model {name}", log)
+        return logged.get("id")
+
+    @contextlib.contextmanager
+    def system_metrics(self, every_s: float = 10.0) -> Iterator[None]:
+        """MLflow's own system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) of
+        this machine, every `every_s` seconds while the block runs."""
+        monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s,
+                                           resume_logging=True, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as e:  # noqa: BLE001 — e.g. psutil missing: train without them
+            warnings.warn(f"MLflow system metrics are off: {e}", stacklevel=2)
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()
 
     def end(self, status: str = "FINISHED") -> None:
         self._guard("run status",

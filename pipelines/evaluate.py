@@ -46,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                         "with this many Ray Data actors on the cluster (a GPU each when there "
                         "are GPUs) instead of in this process: for ImageNet-sized sets")
     parser.add_argument("--no-log", action="store_true", help="print only, log nothing")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and MLflow's own logs on the console")
     args = parser.parse_args(argv)
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
 
+    from micl.console import set_verbose
     from micl.driver import evaluate_run
+
+    set_verbose(args.verbose)
 
     try:
         result = evaluate_run(run_id=args.run_id, checkpoint=args.checkpoint,

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         "or an exported encoder (= --set finetune.init=...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override a config field")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and MLflow's own logs on the console")
     args = parser.parse_args(argv)
     overrides = [*args.overrides, *([f"finetune.init={args.init}"] if args.init else [])]
     try:
@@ -41,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from micl.console import set_verbose
     from micl.driver import PretrainError
     from micl.finetune import check_finetune, run_finetuning
+
+    set_verbose(args.verbose)
 
     try:  # the data, the label count and the encoder, before Ray starts
         cfg, _ = check_finetune(cfg)

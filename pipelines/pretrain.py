@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override a config field")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and MLflow's own logs on the console")
     args = parser.parse_args(argv)
     try:  # the generic fields first: a typo there needs no torch, Ray or method registry
         cfg = load_config(args.config, args.overrides)
@@ -33,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from micl.console import set_verbose
     from micl.data.sources import DataError
     from micl.driver import PretrainError, check, run_pretraining
+
+    set_verbose(args.verbose)
 
     try:  # then the data source's and the method's fields, before Ray starts
         cfg = check(cfg)

@@ -31,9 +31,14 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="SECTION.FIELD=VALUE", help="override a base config field")
     parser.add_argument("--name", help="search name (reuse it to resume an interrupted search)")
     parser.add_argument("--out", default="compare", help="where the table CSV and plot go")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and MLflow's own logs on the console")
     args = parser.parse_args(argv)
 
+    from micl.console import set_verbose
     from micl.driver import check
+
+    set_verbose(args.verbose)
     from micl.tune_space import load_space
 
     try:  # every config and space error surfaces here, before Ray starts

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "micl"
 # Lower layers never import higher ones (same layer: allowed, as long as there is no cycle).
 LAYERS = [
     ["micl.config"],
-    ["micl.data", "micl.models", "micl.tracking", "micl.plots"],
+    ["micl.data", "micl.models", "micl.tracking", "micl.console", "micl.plots"],
     ["micl.evaluate", "micl.artifacts"],
     ["micl.objectives"],
     ["micl.train"],

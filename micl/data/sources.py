@@ -165,6 +165,15 @@ def split_size(cfg: Config, split: str, limit: int | None = None) -> int:
     return source_for(cfg).size(cfg, split, _cap(cfg, split, limit))
 
 
+def data_location(cfg: Config) -> str:
+    """Where the data comes from, as a user would name it (MLflow's dataset source)."""
+    if cfg.data.source == "fashion_mnist":
+        return cfg.data.path or FASHION_MNIST_DIR
+    if cfg.data.source == "synthetic":
+        return f"synthetic://{cfg.data.synthetic_size}x{cfg.data.synthetic_classes}"
+    return cfg.data.path or ""
+
+
 def class_names(cfg: Config) -> list[str]:
     """Class names in label order (cheap: a directory listing or a small JSON file at most)."""
     return source_for(cfg).classes(cfg)
