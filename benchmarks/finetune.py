@@ -4,7 +4,7 @@
 
 Steps (each result is written to <out>/results.json as soon as it exists, so a cut-short run
 keeps what it measured):
-1. pre-train MiCL (configs/fashion_mnist_tiny.yaml) and MAE (configs/fashion_mnist_mae.yaml)
+1. pre-train MiCL (configs/fashion_mnist_quality.yaml) and MAE (configs/fashion_mnist_mae.yaml)
    for --pretrain-epochs each;
 2. fine-tune each encoder and a from-scratch model with configs/finetune_fashion_mnist.yaml for
    --finetune-epochs (the same recipe and epochs for all three): val top-1 on the 10k test split;
@@ -107,7 +107,7 @@ def main() -> None:
     start_ray(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, log_to_driver=True)
     t0 = time.time()
     runs = dict(zip(("micl", "mae"), args.pretrained, strict=True)) if args.pretrained else {
-        "micl": pretrain(out, "micl", "configs/fashion_mnist_tiny.yaml", args.pretrain_epochs),
+        "micl": pretrain(out, "micl", "configs/fashion_mnist_quality.yaml", args.pretrain_epochs),
         "mae": pretrain(out, "mae", "configs/fashion_mnist_mae.yaml", args.pretrain_epochs)}
     ft = {"overrides": tuple(args.finetune_set), "tag": args.tag}
     for name, init in [] if args.only_lowshot else [

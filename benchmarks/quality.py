@@ -9,7 +9,7 @@ one after the other, then a few seconds of evaluation each):
 What it does:
 - pre-trains MiCL, MAE, MACRL and MimCo (teacher = this MiCL run) with `pipelines/pretrain.py`
   in child processes, exactly as a user runs them: each from its own config file (CONFIGS:
-  `configs/fashion_mnist_tiny.yaml` for MiCL, `configs/fashion_mnist_<method>.yaml` for the
+  `configs/fashion_mnist_quality.yaml` for MiCL, `configs/fashion_mnist_<method>.yaml` for the
   others), with kNN after every epoch. The files share the ViT (embed 128, depth 6, 4 heads,
   patch 7), the data, the batch and the optimiser (checked before anything runs); they differ
   in the method's own fields (small decoders / projectors) and in the epochs that fit a budget
@@ -44,7 +44,7 @@ ROOT = _common.ROOT
 # passes) and MimCo (a teacher forward on the whole image), about twice MiCL's step, get fewer
 # epochs. MimCo's teacher is not in its file: it is this invocation's MiCL run.
 CONFIGS: dict[str, str] = {
-    "micl": "configs/fashion_mnist_tiny.yaml",
+    "micl": "configs/fashion_mnist_quality.yaml",
     "mae": "configs/fashion_mnist_mae.yaml",
     "macrl": "configs/fashion_mnist_macrl.yaml",
     "mimco": "configs/fashion_mnist_mimco.yaml",

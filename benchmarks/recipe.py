@@ -39,7 +39,7 @@ from micl.models.vit import gather_tokens
 from micl.objectives.losses import micl_loss
 from micl.train import lr_at, param_groups, train_step
 
-MEAN, STD = 0.286, 0.353  # Fashion-MNIST, as in configs/fashion_mnist_tiny.yaml
+MEAN, STD = 0.286, 0.353  # Fashion-MNIST, as in configs/fashion_mnist_quality.yaml
 
 
 def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:

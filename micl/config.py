@@ -1,7 +1,7 @@
 """Typed run configuration: defaults in code, a YAML file overrides them, `--set` overrides
 the file.
 
-    cfg = load_config("configs/fashion_mnist_tiny.yaml", ["method.mask_ratio=0.75"])
+    cfg = load_config("configs/fashion_mnist_quality.yaml", ["method.mask_ratio=0.75"])
 
 The generic fields are validated here; `data.source` and the `method.*` fields belong to the
 data-source and method registries, which check them in the driver (`micl.driver.check`) before

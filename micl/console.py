@@ -105,7 +105,7 @@ def progress_line(p: Progress) -> str:
 
 class ProgressView:
     """Draws lines and progress on the driver: a tqdm bar per phase on a terminal, else one
-    progress line at most every `every_s` seconds (and none for a phase that is over)."""
+    progress line every `every_s` seconds of a phase (none for a phase that is over)."""
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
                  every_s: float = 10.0) -> None:
@@ -114,7 +114,7 @@ class ProgressView:
         self.every_s = every_s
         self._bar: Any = None
         self._phase: str | None = None
-        self._last_line = 0.0
+        self._shown_at = 0.0  # the phase's elapsed_s at its last progress line
         self._lock = threading.Lock()
 
     def line(self, text: str) -> None:
@@ -128,12 +128,15 @@ class ProgressView:
         with self._lock:
             if self.tty:
                 self._draw_bar(p)
-            elif p.phase != self._phase or time.monotonic() - self._last_line >= self.every_s:
-                if p.phase != self._phase:  # the first report of a phase sets the clock
-                    self._phase, self._last_line = p.phase, time.monotonic()
-                elif p.total is None or p.done < p.total:
-                    print(progress_line(p), file=self.stream, flush=True)
-                    self._last_line = time.monotonic()
+                return
+            if p.phase != self._phase:
+                self._phase, self._shown_at = p.phase, 0.0
+            # Timed by the phase's own clock: a phase shorter than every_s prints nothing,
+            # and one that is over leaves its line to the summary that follows.
+            if p.elapsed_s - self._shown_at >= self.every_s and \
+                    (p.total is None or p.done < p.total):
+                print(progress_line(p), file=self.stream, flush=True)
+                self._shown_at = p.elapsed_s
 
     def _draw_bar(self, p: Progress) -> None:
         from tqdm import tqdm

@@ -1,7 +1,7 @@
 """Driver side of a run: check the config, build the data streams and the TorchTrainer, own the
 MLflow run, and evaluate finished runs.
 
-    result = run_pretraining(load_config("configs/fashion_mnist_tiny.yaml"))
+    result = run_pretraining(load_config("configs/fashion_mnist_quality.yaml"))
 
 Everything a worker needs travels in a `LoopSpec`; everything that can be checked is checked
 here, before Ray starts, with errors that name the field.

@@ -22,7 +22,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from micl.artifacts import latest_checkpoint_on_storage
 from micl.config import Config, from_dict, to_yaml
 from micl.driver import build_trainer, check, connect_ray, evaluate_run, fit_tracked, resolve
-from micl.tracking import ROLE_TAG, RunLogger, mlflow_client, start_or_resume_run
+from micl.tracking import (
+    ROLE_TAG,
+    RunLogger,
+    mlflow_client,
+    source_tags,
+    start_or_resume_run,
+)
 from micl.tune_space import SearchSpace, apply_trial_params
 
 SEARCH_TAG = "micl.search"  # the search name, on the parent and on every trial
@@ -74,6 +80,8 @@ def _search_alg(space: SearchSpace, concurrency: int, seed: int):
 
 
 def make_trainable(base: Config, search_name: str, parent_run_id: str):
+    source = source_tags()  # the driver's script and commit (a trial runs in a Ray worker)
+
     def train_trial(params: dict[str, Any]) -> None:
         cfg = apply_trial_params(base, params)
         trial_id = tune.get_context().get_trial_id()
@@ -81,7 +89,7 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str):
         cfg.run.eval_every = 1  # the scheduler compares trials every epoch
         ray.data.DataContext.get_current().enable_progress_bars = False
         run_id = start_or_resume_run(cfg, cfg.run.name, parent_run_id=parent_run_id,
-                                     tags={ROLE_TAG: "trial", SEARCH_TAG: search_name,
+                                     tags={**source, ROLE_TAG: "trial", SEARCH_TAG: search_name,
                                            "micl.trial_id": trial_id})
         # The trial's run ends FAILED when building or fitting fails, not left RUNNING.
         fit_tracked(lambda: build_trainer(cfg, cfg.run.name, run_id,
@@ -149,7 +157,7 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
                 scheduler=_scheduler(space, base),
                 search_alg=_search_alg(space, concurrency, base.run.seed),
                 max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=root, verbose=0),
+            run_config=tune.RunConfig(name=name, storage_path=root, verbose=1),
         )
     results = tuner.fit()
     _close_stopped_children(uri, parent, base.run.experiment)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from micl.config import ConfigError, load_config  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
     python pipelines/tune.py --space tune_spaces/mask_ratio_temperature.yaml
     python pipelines/tune.py --space tune_spaces/mask_ratio_temperature.yaml \
-        --config configs/fashion_mnist_tiny.yaml --set optim.epochs=4 --name fmnist-grid
+        --config configs/fashion_mnist_quality.yaml --set optim.epochs=4 --name fmnist-grid
     ray job submit --working-dir . -- python pipelines/tune.py --space ...
 
 Running the same --name again resumes an interrupted search. The ranked table, a CSV and a
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from micl.config import ConfigError, load_config  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_quality.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,13 +70,13 @@ def test_registry_fields_are_checked_by_the_driver_not_by_load_config(override):
 
 def test_a_field_of_another_method_is_named_with_the_method():
     # The demo config sets MiCL-only fields (temperature, kappa); MAE has no temperature.
-    cfg = load_config(ROOT / "configs/fashion_mnist_tiny.yaml", ["method.name=mae"])
+    cfg = load_config(ROOT / "configs/fashion_mnist_quality.yaml", ["method.name=mae"])
     with pytest.raises(ConfigError, match=r"unknown field.*\(the fields of method.name = mae\)"):
         check(cfg)
 
 
 @pytest.mark.parametrize(("name", "path"), [
-    ("micl", "configs/fashion_mnist_tiny.yaml"), ("mae", "configs/fashion_mnist_mae.yaml"),
+    ("micl", "configs/fashion_mnist_quality.yaml"), ("mae", "configs/fashion_mnist_mae.yaml"),
     ("macrl", "configs/fashion_mnist_macrl.yaml"), ("mimco", "configs/fashion_mnist_mimco.yaml")])
 def test_shipped_method_configs_check(name, path, tmp_path):
     overrides = []

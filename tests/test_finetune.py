@@ -275,5 +275,5 @@ def test_imagenet_configs_carry_maes_recipe(name, recipe):
 def test_the_fashion_mnist_config_fits_the_pretraining_configs():
     """Fine-tuning needs the encoder's architecture: the CPU config's is the demo's."""
     ft = load_config(ROOT / "configs/finetune_fashion_mnist.yaml")
-    for pre in ("fashion_mnist_tiny", "fashion_mnist_mae"):
+    for pre in ("fashion_mnist_quality", "fashion_mnist_mae"):
         assert load_config(ROOT / f"configs/{pre}.yaml").model == ft.model, pre

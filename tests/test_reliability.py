@@ -100,17 +100,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["epoch"] == 1
 
 
-def test_too_many_bad_files_fail_with_examples(ray_local, tmp_path):
-    info = make_image_folder(tmp_path / "data", n_per_class=12, size=20, split="train")
-    make_image_folder(tmp_path / "data", n_per_class=4, size=20, split="val", bad_files=False)
-    cfg = tiny_config(tmp_path, "data.source=imagefolder", f"data.path={info['root']}",
-                      "data.max_bad_fraction=0.01", "optim.epochs=1",
-                      "run.num_workers=0")  # local mode: the check runs in the loop either way
-    with pytest.raises(PretrainError, match="data.max_bad_fraction") as e:
-        run_pretraining(cfg)
-    assert any(Path(bad).name in str(e.value) for bad in info["bad"])
-
-
 def test_non_finite_loss_stops_with_a_usable_checkpoint(ray_local, tmp_path):
     # A temperature this small overflows the logits to inf on the first step.
     cfg = synthetic(tmp_path, "method.temperature=1e-45", "run.name=nan", "run.num_workers=1")

@@ -41,9 +41,9 @@ def test_a_store_failing_mid_run_is_warned_about_once(tmp_path):
 
 
 def test_the_demo_config_is_the_documented_recipe():
-    """configs/fashion_mnist_tiny.yaml's header promises patch 7, r = 0.25, T = 0.025 and 6
+    """configs/fashion_mnist_quality.yaml's header promises patch 7, r = 0.25, T = 0.025 and 6
     epochs (README "The demo"); the file must say the same."""
-    path = ROOT / "configs" / "fashion_mnist_tiny.yaml"
+    path = ROOT / "configs" / "fashion_mnist_quality.yaml"
     cfg = check(load_config(path))
     header = path.read_text().split("\nmodel:")[0]
     assert (cfg.model.img_size, cfg.model.patch_size) == (28, 7) and "patch 7" in header
