@@ -116,7 +116,7 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
             "optim.warmup_epochs=0", "optim.blr=0.02",
             "run.num_workers=1", "run.cpus_per_worker=0.5", "run.torch_threads=1",
             "run.progress_every_s=0.2", "run.log_every_steps=5",
-            "run.system_metrics_every_s=0.5", "run.name=demo",
+            "run.system_metrics_every_s=0.5", "run.name=demo", "run.register_model=demo-encoder",
             f"run.storage_path={tmp_path / 'runs'}",
             f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides]
     command = [sys.executable, str(ROOT / "pipelines" / "pretrain.py")]
@@ -141,10 +141,11 @@ def test_demo_console_and_mlflow_run(tmp_path):
     assert progress, "no progress line:\n" + "\n".join(lines)
     assert [line.split(":")[0] for line in lines if re.match(r"\[micl\] epoch \d/2:", line)] == \
         ["[micl] epoch 1/2", "[micl] epoch 2/2"]
-    check_native_mlflow_run(tmp_path)
+    [checkpoint] = [line.split()[-1] for line in lines if line.startswith("checkpoint ")]
+    check_native_mlflow_run(tmp_path, checkpoint)
 
 
-def check_native_mlflow_run(tmp_path: Path) -> None:
+def check_native_mlflow_run(tmp_path: Path, checkpoint: str) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("micl-pretrain")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -165,12 +166,13 @@ def check_native_mlflow_run(tmp_path: Path) -> None:
     assert output.step == 2  # logged after the last epoch, whose metrics it carries
     model = client.get_logged_model(output.model_id)
     assert {m.key for m in model.metrics} >= {"loss", "knn_top1"}
+    [version] = client.search_model_versions("name = 'demo-encoder'")
+    assert version.run_id == run.info.run_id and version.model_id == output.model_id
     import mlflow.pytorch
 
     with use_tracking_uri(client.tracking_uri):
         logged = mlflow.pytorch.load_model(f"models:/{output.model_id}").eval()
-    from_checkpoint = load_encoder(run_id=run.info.run_id,
-                                   tracking_uri=client.tracking_uri).encoder.eval()
+    from_checkpoint = load_encoder(checkpoint=checkpoint).encoder.eval()
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(logged(x), from_checkpoint(x), atol=1e-6)
