@@ -55,7 +55,7 @@ def start_server(tracking_uri: str, port: int) -> subprocess.Popen:
             return server
         except OSError:
             if server.poll() is not None:
-                raise SystemExit(f"mlflow server exited with code {server.returncode}")
+                raise SystemExit(f"mlflow server exited with code {server.returncode}") from None
             time.sleep(1)
     server.terminate()
     raise SystemExit("mlflow server did not answer within 120 s")
@@ -79,16 +79,17 @@ def pages(tracking_uri: str, experiment: str) -> dict[str, str]:
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     train = next((r for r in runs if r.data.tags.get(ROLE_TAG) == "train"), None)
     search = next((r for r in runs if r.data.tags.get(ROLE_TAG) == "search"), None)
-    if train is None or search is None:
-        raise SystemExit("the store needs a training run and a search (see this script's help)")
+    if train is None:
+        raise SystemExit("the store needs a training run (see this script's help)")
     e, run = exp.experiment_id, train.info.run_id
-    trials = [r.info.run_id for r in runs
-              if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
     out = {"mlflow_experiment": f"/#/experiments/{e}/runs",
            "mlflow_run_metrics": f"/#/experiments/{e}/runs/{run}/model-metrics",
-           "mlflow_search": f"/#/compare-runs?runs=[{','.join(repr(t) for t in trials)}]"
-                            f"&experiments=[{e!r}]".replace("'", '"'),
            "mlflow_artifacts": f"/#/experiments/{e}/runs/{run}/artifacts/masked_views.png"}
+    if search is not None:  # without a search in the store, its page is left out
+        trials = [r.info.run_id for r in runs
+                  if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
+        out["mlflow_search"] = (f"/#/compare-runs?runs=[{','.join(repr(t) for t in trials)}]"
+                                f"&experiments=[{e!r}]").replace("'", '"')
     if train.outputs and train.outputs.model_outputs:
         out["mlflow_logged_model"] = \
             f"/#/experiments/{e}/models/{train.outputs.model_outputs[0].model_id}"
