@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default="micl-pretrain")
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--size", default="1500,950", help="browser window, pixels")
-    p.add_argument("--wait-ms", type=int, default=20000,
+    p.add_argument("--wait-ms", type=int, default=90000,
                    help="virtual time each page gets to load its data and draw its charts")
     args = p.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
