@@ -118,14 +118,19 @@ def _parent_run(base: Config, name: str, space: SearchSpace, resume: bool) -> st
     return parent
 
 
-def _close_stopped_children(uri: str, parent_run_id: str, experiment: str) -> None:
-    """Trials stopped by the scheduler die before their run is ended: mark them KILLED."""
+def _close_stopped_children(uri: str, parent_run_id: str, experiment: str,
+                            not_errored: set[str]) -> None:
+    """Trials stopped by the scheduler: mark their runs KILLED. Such a trial may die before
+    its run is ended (RUNNING), or its fit may see the stop as a failure first (FAILED);
+    Tune itself records no error for it (`not_errored`: those trial ids)."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent_run_id}'")
     for run in children:
-        if run.info.status == "RUNNING":
+        stopped = run.info.status == "FAILED" and \
+            run.data.tags.get("micl.trial_id") in not_errored
+        if run.info.status == "RUNNING" or stopped:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
@@ -160,7 +165,8 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=1),
         )
     results = tuner.fit()
-    _close_stopped_children(uri, parent, base.run.experiment)
+    _close_stopped_children(uri, parent, base.run.experiment,
+                            {(r.metrics or {}).get("trial_id") for r in results if not r.error})
 
     ranking = space.ranking_metric
     probes = _probe_finished_trials(base, parent, name) if space.rank_by else {}
