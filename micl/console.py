@@ -190,16 +190,17 @@ class Console:
     def progress(self, p: Progress) -> None:
         self.sink("progress", p)
 
-    def track(self, items: Iterable[Any], phase: str, size: Callable[[Any], int],
-              total: int | None = None, unit: str = "images") -> Iterator[Any]:
-        """Yield `items`, reporting how many units (`size(item)`) went by and how fast."""
+    def track(self, items: Iterable[Any], phase: str, size: Callable[[Any], int]
+              ) -> Iterator[Any]:
+        """Yield `items` (batches), reporting how many images (`size(item)`) went by and how
+        fast; the total is not known in advance."""
         t0, done = time.perf_counter(), 0
         for item in items:
             yield item
             done += size(item)
             if self.due():
                 elapsed = time.perf_counter() - t0
-                self.progress(Progress(phase, done, total, unit, elapsed,
+                self.progress(Progress(phase, done, None, "images", elapsed,
                                        images_per_s=done / max(elapsed, 1e-9)))
 
 

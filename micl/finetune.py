@@ -19,7 +19,6 @@ tag back to this one, so `compare(metric="finetune_top1")` ranks pre-training ru
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import tempfile
@@ -80,6 +79,7 @@ from micl.train import (
     resume,
     run_logger,
     save_and_report,
+    system_metrics,
     train_epoch,
     unwrap,
     worker_context,
@@ -187,8 +187,7 @@ def finetune_loop_per_worker(spec: FinetuneSpec) -> None:
     logger = run_logger(spec.loop, cfg, w)
     if logger and state.epoch == 0:
         logger.config(cfg)
-    every_s = cfg.run.system_metrics_every_s
-    with logger.system_metrics(every_s) if logger and every_s else contextlib.nullcontext():
+    with system_metrics(logger, cfg):
         while state.epoch < cfg.optim.epochs:
             sums = train_epoch(wrapped, opt, cfg, spec.loop, state, w, logger)
             metrics = {**epoch_metrics(sums, cfg, spec.loop, state, w),

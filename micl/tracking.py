@@ -170,8 +170,10 @@ def start_or_resume_run(cfg: Config, run_name: str, tags: dict[str, str] | None 
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
+    tags = tags or {}
+    source = {} if "mlflow.source.name" in tags else source_tags()  # a trial has the driver's
     all_tags = {RUN_NAME_TAG: run_name, ROLE_TAG: "train", "mlflow.runName": run_name,
-                **source_tags(), **(tags or {})}
+                **source, **tags}
     all_tags.setdefault("mlflow.note.content", describe_run(cfg, all_tags[ROLE_TAG]))
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

@@ -329,6 +329,12 @@ def run_logger(spec: LoopSpec, cfg: Config, w: Worker) -> RunLogger | None:
     return RunLogger(tracking_uri(cfg), spec.mlflow_run_id)
 
 
+def system_metrics(logger: RunLogger | None, cfg: Config) -> contextlib.AbstractContextManager:
+    """MLflow system metrics for the block, from rank 0 (which holds the logger)."""
+    every_s = cfg.run.system_metrics_every_s
+    return logger.system_metrics(every_s) if logger and every_s else contextlib.nullcontext()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -425,7 +431,7 @@ def show_step(loss: torch.Tensor | None, sums: EpochSums, cfg: Config, state: Tr
     if show_due:
         w.console.progress(Progress(f"epoch {state.epoch + 1}/{cfg.optim.epochs}", sums.steps,
                                     per_epoch, "steps", elapsed, value, rate))
-    if log_due and logger is not None:
+    if log_due:
         logger.metrics({"step/loss": value, "step/lr": sums.lr, "step/images_per_s": rate},
                        step=state.step)
 
@@ -556,8 +562,7 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
     state = resume(objective, opt, spec, w)
     model = wrap_model(objective, w)
     logger = run_logger(spec, cfg, w)
-    every_s = cfg.run.system_metrics_every_s
-    with logger.system_metrics(every_s) if logger and every_s else contextlib.nullcontext():
+    with system_metrics(logger, cfg):
         if state.epoch == 0:
             state.knn_init = initial_knn(model, cfg, w, logger)
         while state.epoch < cfg.optim.epochs:

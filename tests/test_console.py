@@ -152,7 +152,8 @@ def check_native_mlflow_run(tmp_path: Path, checkpoint: str) -> None:
     run = client.search_runs([exp.experiment_id])[0]
     tags = run.data.tags
     assert tags["mlflow.source.name"] == "pretrain.py"
-    assert re.fullmatch(r"[0-9a-f]{40}", tags.get("mlflow.source.git.commit", "0" * 40))
+    if (ROOT / ".git").exists():  # a checkout (CI's fresh clone is one): its commit is recorded
+        assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
     assert "micl pre-training of vit_tiny" in tags["mlflow.note.content"]
     assert float(tags["micl.knn_top1_init"]) > 0 and "knn_top1_init" not in run.data.metrics
     assert run.data.params["optim.epochs"] == "2"

@@ -101,6 +101,11 @@ class Source:
         raise NotImplementedError
 
     @classmethod
+    def location(cls, cfg: Config) -> str:
+        """Where the data comes from, as a user would name it: data.path by default."""
+        return cfg.data.path or ""
+
+    @classmethod
     def check(cls, cfg: Config) -> None:
         """Config checks this source needs, at validation time (before any data is touched);
         raise ConfigError naming the field."""
@@ -167,11 +172,7 @@ def split_size(cfg: Config, split: str, limit: int | None = None) -> int:
 
 def data_location(cfg: Config) -> str:
     """Where the data comes from, as a user would name it (MLflow's dataset source)."""
-    if cfg.data.source == "fashion_mnist":
-        return cfg.data.path or FASHION_MNIST_DIR
-    if cfg.data.source == "synthetic":
-        return f"synthetic://{cfg.data.synthetic_size}x{cfg.data.synthetic_classes}"
-    return cfg.data.path or ""
+    return source_for(cfg).location(cfg)
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -346,6 +347,10 @@ class FashionMNIST(Source):
         if cap:  # the files are already in random order
             images, labels = images[:cap], labels[:cap]
         return from_arrays(images, labels, cfg.data.map_batch_size)
+
+    @classmethod
+    def location(cls, cfg: Config) -> str:
+        return cfg.data.path or FASHION_MNIST_DIR
 
     @classmethod
     def classes(cls, cfg: Config) -> list[str]:
@@ -647,6 +652,10 @@ class Synthetic(Source):
         blocks = math.ceil(n / _array_rows_per_block(n, d.map_batch_size))
         return ray.data.range(n, override_num_blocks=blocks).map_batches(
             generate, batch_format="numpy", batch_size=None)
+
+    @classmethod
+    def location(cls, cfg: Config) -> str:
+        return f"synthetic://{cfg.data.synthetic_size}x{cfg.data.synthetic_classes}"
 
     @classmethod
     def classes(cls, cfg: Config) -> list[str]:
