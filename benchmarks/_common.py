@@ -226,3 +226,54 @@ def tree_cpu_seconds(root: int | None = None) -> float:
             total += stats[pid][1]
         todo.extend(children.get(pid, []))
     return total
+
+
+def _synthetic_shard(job: tuple[str, int, int, int, int]) -> int:
+    """One Parquet shard of `micl.data.sources.synthetic_images` (RGB, JPEG quality 95)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from micl.data.sources import synthetic_images
+
+    path, first, count, size, classes = job
+    ids = np.arange(first, first + count, dtype=np.int64)
+    images, labels = synthetic_images(ids, size, 3, classes)
+    blobs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        blobs.append(buf.getvalue())
+    pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "label": labels,
+                             "sample_id": ids}), path)
+    return count
+
+
+def write_synthetic_parquet(dst: Path, num_train: int, num_val: int, size: int = 256,
+                            classes: int = 10, rows_per_shard: int = 1000,
+                            workers: int | None = None, log=print) -> Path:
+    """`dst/{train,val}/part-*.parquet` + `dst/classes.json` in the layout of
+    pipelines/prepare_data.py, of generated striped images (`synthetic_images`: the class sets
+    the stripes' angle, so kNN and fine-tuning have something to learn); cached."""
+    marker = dst / "COMPLETE.json"
+    want = {"train": num_train, "val": num_val, "size": size, "classes": classes,
+            "rows_per_shard": rows_per_shard}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return dst
+    log(f"[bench] writing {num_train} + {num_val} synthetic {size}-px images as Parquet "
+        f"under {dst} ...")
+    jobs = []
+    for split, n, offset in (("train", num_train, 0), ("val", num_val, 10**8)):
+        (dst / split).mkdir(parents=True, exist_ok=True)
+        for old in (dst / split).glob("*.parquet"):
+            old.unlink()
+        jobs += [(str(dst / split / f"part-{k:05d}.parquet"), offset + s,
+                  min(rows_per_shard, n - s), size, classes)
+                 for k, s in enumerate(range(0, n, rows_per_shard))]
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        list(pool.map(_synthetic_shard, jobs))
+    (dst / "classes.json").write_text(json.dumps([f"class_{c}" for c in range(classes)]))
+    marker.write_text(json.dumps(want))
+    return dst

@@ -140,7 +140,13 @@ class RunSettings:
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
+    # GPUs per training worker with use_gpu: 1 is the usual; a fraction (0.5) lets two Tune
+    # trials share one GPU, an integer > 1 suits a model-parallel loop.
+    gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
+    # torch.compile the training module (inductor): faster steps on GPU once compiled, at a
+    # compile cost of tens of seconds per worker start (benchmarks/gpu_check.py measures both).
+    compile: bool = False
     storage_path: str | None = None  # default: ./runs (absolute); may be s3://...
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment: str = "micl-pretrain"
@@ -258,6 +264,10 @@ def _validate_run(r: RunSettings) -> None:
     if not isinstance(r.num_workers, int) or r.num_workers < 0:
         raise _err("run.num_workers", r.num_workers, "must be an integer >= 0")
     _positive("run.cpus_per_worker", r.cpus_per_worker)
+    _positive("run.gpus_per_worker", r.gpus_per_worker)
+    if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
+        raise _err("run.gpus_per_worker", r.gpus_per_worker,
+                   "a fraction of one GPU (<= 1) or a whole number of GPUs")
     _positive("run.checkpoint_every", r.checkpoint_every)
     _positive("run.eval_every", r.eval_every)
     _positive("run.log_every_steps", r.log_every_steps)

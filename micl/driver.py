@@ -185,7 +185,7 @@ def torch_trainer(loop: Callable[[Any], None], loop_config: Any, cfg: Config, ru
     """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention."""
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.run.gpus_per_worker
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,

@@ -44,7 +44,10 @@ def knn_top1(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: t
              query_labels: torch.Tensor, k: int = 20, temperature: float = 0.07,
              chunk: int = 1024) -> float:
     """Weighted kNN (InstDisc / DINO): each of the k most cosine-similar bank samples votes for
-    its class with weight exp(sim / T). Features must be L2-normalised. Returns top-1 accuracy."""
+    its class with weight exp(sim / T). Features must be L2-normalised. Returns top-1 accuracy.
+    The similarities and votes are float32 whatever the features' dtype: in bf16 (8 bits of
+    mantissa) near-equal similarities tie and exp(sim / T) rounds the votes."""
+    bank_feats, query_feats = bank_feats.float(), query_feats.float()
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     k = min(k, bank_feats.shape[0])
     correct = 0

@@ -183,7 +183,7 @@ def finetune_loop_per_worker(spec: FinetuneSpec) -> None:
                             betas=(cfg.optim.beta1, cfg.optim.beta2),
                             fused=w.device.type == "cuda" or None)
     state = resume(model, opt, spec.loop, w)
-    wrapped = wrap_model(model, w)
+    wrapped = wrap_model(model, w, cfg.run.compile)
     logger = run_logger(spec.loop, cfg, w)
     if logger and state.epoch == 0:
         logger.config(cfg)
@@ -243,6 +243,12 @@ def load_init(cfg: Config) -> PretrainedEncoder | None:
                       "directory, and not an MLflow run id (32 hex digits)")
 
 
+def architecture(m: ModelConfig) -> tuple[Any, ...]:
+    """What the weights fix; the size's name does not (a vit_pico exports as timm's vit_tiny
+    with pico's dimensions, and comes back under that name)."""
+    return (*m.dims(), m.img_size, m.patch_size, m.in_chans, m.mlp_ratio)
+
+
 def describe(m: ModelConfig) -> str:
     dim, depth, heads = m.dims()
     return (f"{m.name} (embed_dim {dim}, depth {depth}, {heads} heads, {m.img_size} px, "
@@ -266,7 +272,7 @@ def check_finetune(cfg: Config) -> tuple[Config, PretrainedEncoder | None]:
         raise ConfigError(f"config error: finetune.num_classes = {f.num_classes}: the data "
                           f"(data.source = {cfg.data.source}) has {classes} classes")
     encoder = load_init(cfg)
-    if encoder is not None and describe(encoder.model) != describe(cfg.model):
+    if encoder is not None and architecture(encoder.model) != architecture(cfg.model):
         raise ConfigError(f"config error: model.*: finetune.init = {f.init!r} holds a "
                           f"{describe(encoder.model)} encoder, but the config describes "
                           f"{describe(cfg.model)}; set model.* to the encoder's")

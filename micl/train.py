@@ -12,6 +12,7 @@ The pieces that are not about pre-training (`resume`, `save_and_report`, `run_lo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import tempfile
 import time
@@ -336,11 +337,19 @@ def system_metrics(logger: RunLogger | None, cfg: Config) -> contextlib.Abstract
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The plain module under torch.compile's and DDP's wrappers (what a checkpoint saves:
+    its state_dict keys carry no `_orig_mod.` or `module.` prefix)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+        else model
 
 
-def wrap_model(model: torch.nn.Module, w: Worker) -> torch.nn.Module:
-    return ray.train.torch.prepare_model(model) if w.world > 1 else model.to(w.device)
+def wrap_model(model: torch.nn.Module, w: Worker, compile_model: bool = False
+               ) -> torch.nn.Module:
+    """On the device, in DDP with several workers, then torch.compile'd when asked (DDP
+    first: compiling the DDP module lets dynamo split the graph at its gradient buckets)."""
+    model = ray.train.torch.prepare_model(model) if w.world > 1 else model.to(w.device)
+    return torch.compile(model) if compile_model else model
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -357,6 +366,8 @@ class EpochSums:
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
     seconds: float = 0.0
     lr: float = 0.0
+    data_start: float = 0.0  # seconds this worker waited for the epoch's first batch
+    data_wait: float = 0.0  # seconds it waited for the later ones
 
     def add(self, result: StepResult) -> None:
         self.loss = self.loss + result.loss
@@ -375,7 +386,7 @@ class EpochSums:
             dist.all_reduce(t)
         loss, steps, images, *rest = t.tolist()
         return EpochSums(loss, int(steps), int(images), dict(zip(names, rest, strict=True)),
-                         self.seconds, self.lr)
+                         self.seconds, self.lr, self.data_start, self.data_wait)
 
     def means(self) -> dict[str, float]:
         """Epoch means per applied step: the loss and each of the objective's metrics."""
@@ -392,7 +403,8 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
     sums, t0 = EpochSums(), time.perf_counter()
     per_epoch = steps_per_epoch(spec.num_train, cfg, w.world)
     peak = base_lr(cfg, w.world)
-    for micro in grouped(stream_batches(cfg, w, state, logger), cfg.optim.grad_accum_steps):
+    batches = timed(stream_batches(cfg, w, state, logger), sums)
+    for micro in grouped(batches, cfg.optim.grad_accum_steps):
         sums.lr = lr_at(min(state.step / per_epoch, state.epoch + 1), peak,
                         cfg.optim.warmup_epochs, cfg.optim.epochs, cfg.optim.min_lr)
         for group in opt.param_groups:  # lr_scale: layer-wise decay (fine-tuning)
@@ -412,6 +424,25 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
     sums.seconds = time.perf_counter() - t0
     show_step(None, sums, cfg, state, w, None, per_epoch, t0)  # the bar reaches its end
     return sums
+
+
+def timed(batches: Iterable[Any], sums: EpochSums) -> Iterator[Any]:
+    """The batches, timing the waits for them: the first (the stream's start) in
+    sums.data_start, the others summed in sums.data_wait. The step before has synced with the
+    device (train_step's finiteness check), so a wait is time the device sat idle for want of
+    data: near 0 when the stream keeps up."""
+    it = iter(batches)
+    for i in itertools.count():
+        t = time.perf_counter()
+        batch = next(it, None)
+        waited = time.perf_counter() - t
+        if i == 0:
+            sums.data_start = waited
+        else:
+            sums.data_wait += waited
+        if batch is None:
+            return
+        yield batch
 
 
 def show_step(loss: torch.Tensor | None, sums: EpochSums, cfg: Config, state: TrainState,
@@ -466,7 +497,11 @@ def epoch_metrics(sums: EpochSums, cfg: Config, spec: LoopSpec, state: TrainStat
                            "worker's share of the data")
     state.epoch += 1
     return {"epoch": state.epoch, "step": state.step, **total.means(), "lr": total.lr,
-            "images_per_s": total.images / max(total.seconds, 1e-9), "skipped": skipped,
+            "images_per_s": total.images / max(total.seconds, 1e-9),
+            # rank 0's waits for data: for the first batch, then per later step (a data-bound
+            # run shows the latter close to the step time)
+            "data_start_s": sums.data_start,
+            "data_wait_s": sums.data_wait / max(sums.steps - 1, 1), "skipped": skipped,
             "restarts": state.restarts, "skipped_steps": state.skipped_steps}
 
 
@@ -474,7 +509,7 @@ def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     """`[micl] epoch 2/6: loss 4.21, knn_top1 0.7644, lr 0.0009, 598 img/s` (counters only
     when not zero)."""
     quiet = {"epoch", "step", "images_per_s", "knn_top1_init", "skipped", "restarts",
-             "skipped_steps"}
+             "skipped_steps", "data_start_s", "data_wait_s"}
     parts = [f"{k} {v:.4g}" for k, v in metrics.items() if k not in quiet]
     parts.append(f"{metrics.get('images_per_s', 0):.0f} img/s")
     parts += [f"{k} {metrics[k]}" for k in ("skipped", "restarts", "skipped_steps")
@@ -560,7 +595,7 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
     objective = build_objective(cfg)
     opt = build_optimizer(objective, cfg, w.world, w.device.type == "cuda")
     state = resume(objective, opt, spec, w)
-    model = wrap_model(objective, w)
+    model = wrap_model(objective, w, cfg.run.compile)
     logger = run_logger(spec, cfg, w)
     with system_metrics(logger, cfg):
         if state.epoch == 0:

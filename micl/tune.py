@@ -45,15 +45,19 @@ class SearchResult:
     path: str
 
 
-def concurrent_trials(cfg: Config, space: SearchSpace) -> int:
-    """How many trials fit at once while leaving every trial's Ray Data a CPU of its own."""
+def concurrent_trials(cfg: Config, space: SearchSpace,
+                      resources: dict[str, float] | None = None) -> int:
+    """How many trials fit at once in the cluster's `resources` (default: Ray's view) while
+    leaving every trial's Ray Data a CPU of its own; with run.gpus_per_worker = 0.5, two
+    single-worker trials share each GPU."""
     if space.max_concurrent_trials:
         return space.max_concurrent_trials
-    res = ray.cluster_resources()
+    res = ray.cluster_resources() if resources is None else resources
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + max(cfg.data.data_cpus, 1)
     fits = int(res.get("CPU", 1) // per_trial_cpu)
     if cfg.run.use_gpu:
-        fits = min(fits, int(res.get("GPU", 0) // max(cfg.run.num_workers, 1)))
+        per_trial_gpu = max(cfg.run.num_workers, 1) * cfg.run.gpus_per_worker
+        fits = min(fits, int(res.get("GPU", 0) // per_trial_gpu))
     return max(1, min(fits, space.num_trials()))
 
 

@@ -51,6 +51,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         ("method.temperature=hot", "method.temperature"),
         ("data.source=mnist", "data.source"),
         ("method.negatives=everywhere", "method.negatives"),
+        ("run.gpus_per_worker=0", "run.gpus_per_worker"),
+        ("run.gpus_per_worker=1.5", "run.gpus_per_worker"),  # a fraction of one, or whole GPUs
     ],
 )
 def test_invalid_values_name_the_field(override, field):

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from timm.optim import param_groups_layer_decay
 
-from micl.artifacts import export_encoder
+from micl.artifacts import export_encoder, load_encoder
 from micl.config import ConfigError, load_config
 from micl.data.augment import RandAugment
 from micl.data.stream import label_subset, subset_suffix
@@ -25,6 +25,7 @@ from micl.finetune import (
     CLASSIFIER_JSON,
     CLASSIFIER_WEIGHTS,
     Classifier,
+    architecture,
     check_finetune,
     export_classifier,
     layer_decay_groups,
@@ -277,3 +278,16 @@ def test_the_fashion_mnist_config_fits_the_pretraining_configs():
     ft = load_config(ROOT / "configs/finetune_fashion_mnist.yaml")
     for pre in ("fashion_mnist_quality", "fashion_mnist_mae"):
         assert load_config(ROOT / f"configs/{pre}.yaml").model == ft.model, pre
+
+
+def test_an_encoder_is_matched_by_its_architecture_not_its_size_name(tmp_path):
+    """A vit_pico exports as timm's vit_tiny with pico's dimensions and comes back named
+    vit_tiny: fine-tuning it with the pico config it was trained with must be accepted."""
+    pico = load_config(overrides=["model.name=vit_pico", "model.img_size=32",
+                                  "model.patch_size=8"]).model
+    export_encoder(MaskedViT.from_config(pico), pico, tmp_path)
+    loaded = load_encoder(checkpoint=str(tmp_path / "encoder_timm.pth")).model
+    assert architecture(loaded) == architecture(pico)
+    tiny = load_config(overrides=["model.name=vit_tiny", "model.img_size=32",
+                                  "model.patch_size=8"]).model
+    assert architecture(loaded) != architecture(tiny)

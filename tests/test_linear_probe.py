@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from micl.artifacts import export_encoder, load_encoder
 from micl.config import ModelConfig, config_from_params, load_config
-from micl.evaluate import linear_probe, probe_optimizer
+from micl.data.sources import synthetic_images
+from micl.evaluate import extract_features, knn_top1, linear_probe, probe_optimizer
 from micl.models import MaskedViT
 from micl.models.export import load_timm_encoder
 from micl.objectives import check
@@ -84,3 +86,43 @@ def test_config_round_trips_through_mlflow_params():
     params = {k: str(v) for k, v in mae.flat().items()}
     assert config_from_params(params) == mae
     assert check(config_from_params(params)).method.args["norm_pix_loss"] is False
+
+
+# ----------------------------------------------------------------------------- kNN, bf16
+
+
+def _clusters(n: int, classes: int = 4, dim: int = 32, seed: int = 0):
+    centres = torch.nn.functional.normalize(  # the same classes whatever the seed
+        torch.randn(classes, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.arange(n) % classes
+    feats = centres[labels] + 0.03 * torch.randn(n, dim, generator=g)  # noise norm ~0.17
+    return torch.nn.functional.normalize(feats, dim=1), labels
+
+
+def test_knn_votes_in_float32_whatever_the_features_dtype():
+    bank, bank_labels = _clusters(400)
+    query, query_labels = _clusters(100, seed=1)
+    assert knn_top1(bank, bank_labels, query, query_labels) == 1.0
+    # bf16 features (e.g. kept from an autocast pass): the same answer as their float32 values.
+    b16, q16 = bank.bfloat16(), query.bfloat16()
+    assert knn_top1(b16, bank_labels, q16, query_labels) == \
+        knn_top1(b16.float(), bank_labels, q16.float(), query_labels)
+
+
+def test_features_under_bf16_autocast_match_float32():
+    """The kNN monitor on GPU runs the encoder under bf16 autocast: its features come back
+    float32 and rank the bank as the float32 features do."""
+    torch.manual_seed(0)
+    encoder = MaskedViT(32, 8, 3, 96, 2, 3)
+    images, labels = synthetic_images(np.arange(96), 32, 3, 4)
+    batches = [{"image": torch.from_numpy(images[i : i + 32]).permute(0, 3, 1, 2),
+                "label": torch.from_numpy(labels[i : i + 32])} for i in range(0, 96, 32)]
+    ref, ref_labels = extract_features(encoder, batches, [0.5] * 3, [0.25] * 3)
+    got, _ = extract_features(encoder, batches, [0.5] * 3, [0.25] * 3,
+                              autocast_dtype=torch.bfloat16)
+    assert got.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: cosine similarity of each feature to its float32 self
+    assert (got * ref).sum(1).min() > 0.99
+    knn = [knn_top1(f[:64], ref_labels[:64], f[64:], ref_labels[64:]) for f in (ref, got)]
+    assert abs(knn[0] - knn[1]) <= 2 / 32  # at most two of the 32 queries change their vote

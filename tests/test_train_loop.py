@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -12,7 +13,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from micl.train import EpochSums, StepResult, grouped, train_step
+from micl.config import Config
+from micl.train import (
+    EpochSums,
+    LoopSpec,
+    StepResult,
+    TrainState,
+    checkpoint_state,
+    grouped,
+    timed,
+    train_step,
+    unwrap,
+)
 
 
 def _free_port() -> int:
@@ -87,3 +99,28 @@ def test_a_non_finite_step_is_not_applied():
     assert not result.finite
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_waits_for_data_are_timed_the_first_apart():
+    """data_start_s is the stream's start (the first batch); data_wait_s the waits after it:
+    what tells a user whether the accelerator starved for data."""
+    def slow_stream():
+        for delay in (0.3, 0.05, 0.05, 0.05):
+            time.sleep(delay)
+            yield {"image": torch.zeros(1)}
+
+    sums = EpochSums()
+    assert len(list(timed(slow_stream(), sums))) == 4
+    assert 0.3 <= sums.data_start < 0.45
+    assert 0.15 <= sums.data_wait < 0.3
+
+
+def test_a_compiled_model_checkpoints_under_its_plain_names():
+    """run.compile wraps the module; its checkpoint must load into an uncompiled one."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    assert unwrap(compiled) is model
+    state = checkpoint_state(compiled, torch.optim.SGD(model.parameters(), lr=0.1),
+                             Config(), LoopSpec({}, 0, "", "", ""), TrainState())
+    assert set(state["model"]) == set(model.state_dict())
+    nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).load_state_dict(state["model"])

@@ -9,6 +9,7 @@ import pytest
 
 from micl.config import Config, ConfigError, load_config
 from micl.driver import check
+from micl.tune import concurrent_trials
 from micl.tune_space import SearchSpace, apply_trial_params, load_space, parse_space
 from pipelines.tune import DEFAULT_CONFIG as TUNE_DEFAULT_CONFIG
 
@@ -213,3 +214,13 @@ def test_space_round_trips_through_to_dict():
     assert again == space
     assert isinstance(again, SearchSpace)
     assert "4 trials" in space.summary()
+
+
+@pytest.mark.parametrize(("gpus_per_worker", "workers", "expected"),
+                         [(1.0, 1, 1), (0.5, 1, 2), (0.25, 2, 2), (0.5, 2, 1)])
+def test_fractional_gpus_let_trials_share_a_gpu(gpus_per_worker, workers, expected):
+    cfg = load_config(overrides=["run.use_gpu=true", f"run.gpus_per_worker={gpus_per_worker}",
+                                 f"run.num_workers={workers}"])
+    space = parse_space({"params": {"method.mask_ratio": {"grid": [0.5, 0.6, 0.75, 0.9]}}}, cfg)
+    # 16 CPUs would fit 8 trials; the one GPU decides.
+    assert concurrent_trials(cfg, space, {"CPU": 16, "GPU": 1}) == expected
