@@ -72,9 +72,10 @@ class Plan:
     # The dry run traces the step (dynamo + AOT autograd: where a model change breaks
     # compilation) but leaves inductor's C++ code generation, 20 s on 2 cores, to the GPU run.
     compile_backend: str = "inductor"
-    # The dry run fine-tunes in Ray Train's local mode (the loop in this process): the worker
-    # start-up it saves is most of a one-epoch run on 2 CPUs.
-    finetune_workers: int = 1
+    # The dry run pre-trains and fine-tunes in Ray Train's local mode (the loop in this
+    # process): a worker's start-up, about 25 s on 2 CPUs, is most of a tiny run. The Tune
+    # trials keep their workers (Tune needs them).
+    run_workers: int = 1
     overrides: list[str] = field(default_factory=list)  # for every run of e2e and extras
 
 
@@ -93,7 +94,7 @@ def dry_plan(device) -> Plan:
                 [Setup("vit_pico", 0.75, 8, **tiny)], Setup("vit_pico", 0.75, 32, **tiny),
                 tune_ratios=(0.5, 0.75), first_batch=8, max_batch=16, warmup=1, steps=2,
                 e2e_images=256, e2e_val=64, e2e_px=40, e2e_classes=4, e2e_seconds=0.0,
-                compile_backend="aot_eager", finetune_workers=0,
+                compile_backend="aot_eager", run_workers=0,
                 overrides=["run.cpus_per_worker=0.5", "run.torch_threads=1", "data.data_cpus=0.5",
                            "data.map_batch_size=32"])
 
@@ -252,7 +253,7 @@ def part_e2e(plan: Plan, report: Report, out: Path) -> tuple[str, Path]:
     compute_ips, _, _ = timed_step(s, plan, compile_model=False)
     epochs = max(1, min(4, math.ceil(plan.e2e_seconds * compute_ips / plan.e2e_images)))
     cfg = run_config(plan, data, out, f"optim.epochs={epochs}", f"run.eval_every={epochs}",
-                     f"run.checkpoint_every={epochs}")
+                     f"run.checkpoint_every={epochs}", f"run.num_workers={plan.run_workers}")
     t = time.perf_counter()
     result = run_pretraining(cfg)
     m, seconds = result.metrics, time.perf_counter() - t
@@ -279,7 +280,7 @@ def part_tune(plan: Plan, report: Report, out: Path, data: Path) -> None:
     from micl.tune_space import parse_space
 
     gpus = ["run.gpus_per_worker=0.5"] if not plan.dry else []
-    base = run_config(plan, data, out, "optim.epochs=1", "run.eval_every=1",
+    base = run_config(plan, data, out, "optim.epochs=1", "run.eval_every=1", "run.num_workers=1",
                       f"data.limit_train={min(8192, plan.e2e_images // 2)}", *gpus)
     space = parse_space({"params": {"method.mask_ratio": {"grid": list(plan.tune_ratios)}},
                          "scheduler": "fifo"}, base)
@@ -303,7 +304,7 @@ def part_finetune_and_knn(plan: Plan, report: Report, out: Path, data: Path, run
     batch = 16 if plan.dry else 256
     cfg = run_config(plan, data, out, "optim.epochs=1", f"finetune.init={run_id}",
                      f"data.batch_size={batch}", "finetune.drop_path=0.1",
-                     f"run.num_workers={plan.finetune_workers}")
+                     f"run.num_workers={plan.run_workers}")
     t = time.perf_counter()
     m = run_finetuning(cfg).metrics
     report.add("extras", f"fine-tune {s.label}, 1 epoch", batch, m.get("images_per_s"), None,
