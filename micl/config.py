@@ -83,6 +83,10 @@ class DataConfig:
     max_bad_fraction: float = 0.1  # fail when more than this fraction of files is undecodable
     map_batch_size: int = 64  # rows per Ray Data map task
     data_cpus: float = 1.0  # CPUs reserved by each Ray Data decode/mask task
+    # Node labels the decode/mask tasks require (Ray's label_selector), e.g. {micl-role: data}
+    # for the CPU-only nodes of cluster.yaml, so that the training nodes' CPUs feed their
+    # GPUs only; empty (one machine): wherever a CPU is free.
+    node_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +148,9 @@ class RunSettings:
     # trials share one GPU, an integer > 1 suits a model-parallel loop.
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
+    # Custom resources each training worker requests besides CPU/GPU, e.g. {trainer: 1} to
+    # keep training workers on the nodes that advertise `trainer` (GPU does this on GPU nodes).
+    worker_resources: dict[str, float] = field(default_factory=dict)
     # torch.compile the training module (inductor): faster steps on GPU once compiled, at a
     # compile cost of tens of seconds per worker start (benchmarks/gpu_check.py measures both).
     compile: bool = False
@@ -239,6 +246,9 @@ def _validate_data(d: DataConfig) -> None:
         raise _err("data.std", d.std, "must be > 0")
     if not 0 <= d.max_bad_fraction <= 1:
         raise _err("data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
+    for key, value in d.node_labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise _err(f"data.node_labels.{key}", value, "node labels map strings to strings")
     for key in ("limit_train", "knn_bank_size", "knn_query_size"):
         _positive(f"data.{key}", getattr(d, key), allow_none=True)
 
@@ -265,6 +275,8 @@ def _validate_run(r: RunSettings) -> None:
         raise _err("run.num_workers", r.num_workers, "must be an integer >= 0")
     _positive("run.cpus_per_worker", r.cpus_per_worker)
     _positive("run.gpus_per_worker", r.gpus_per_worker)
+    for key, amount in r.worker_resources.items():
+        _positive(f"run.worker_resources.{key}", amount)
     if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
         raise _err("run.gpus_per_worker", r.gpus_per_worker,
                    "a fraction of one GPU (<= 1) or a whole number of GPUs")
@@ -346,6 +358,8 @@ def _coerce(name: str, current: Any, value: Any) -> Any:
     if isinstance(current, str) and isinstance(value, str):
         return value
     if isinstance(current, list) and isinstance(value, list):
+        return value
+    if isinstance(current, dict) and isinstance(value, dict):
         return value
     raise _err(name, value, f"expected a {type(current).__name__}")
 

@@ -26,7 +26,8 @@ from typing import Any, TextIO
 
 import ray
 
-NAMESPACE = "micl"
+from micl.data.stream import NAMESPACE, on_this_node
+
 _VERBOSE = False
 
 
@@ -261,7 +262,7 @@ def watch(view: ProgressView | None = None, poll_s: float = 0.5) -> Iterator[str
     no line is lost); yields the relay's name, which the workers look up."""
     view = view or ProgressView()
     relay_name = f"micl-console-{uuid.uuid4().hex[:12]}"
-    relay = ConsoleRelay.options(name=relay_name, namespace=NAMESPACE).remote()
+    relay = ConsoleRelay.options(name=relay_name, namespace=NAMESPACE, **on_this_node()).remote()
     stop = threading.Event()
 
     def drain() -> None:

@@ -42,6 +42,7 @@ from micl.data.stream import (
     EpochClock,
     eval_stream,
     keep_label_subset,
+    on_this_node,
     subset_suffix,
     train_stream,
 )
@@ -151,8 +152,8 @@ def fit_actors(run_name: str) -> tuple[str, str]:
     for old in _ACTORS.pop(run_name, []):
         ray.kill(old)
     _ACTORS[run_name] = [
-        EpochClock.options(name=clock_name, namespace=NAMESPACE).remote(),
-        LoopStarts.options(name=starts_name, namespace=NAMESPACE).remote()]
+        EpochClock.options(name=clock_name, namespace=NAMESPACE, **on_this_node()).remote(),
+        LoopStarts.options(name=starts_name, namespace=NAMESPACE, **on_this_node()).remote()]
     return clock_name, starts_name
 
 
@@ -183,7 +184,7 @@ def torch_trainer(loop: Callable[[Any], None], loop_config: Any, cfg: Config, ru
                   datasets: dict[str, ray.data.Dataset], datasets_to_split: list[str],
                   callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention."""
-    resources = {"CPU": cfg.run.cpus_per_worker}
+    resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.worker_resources}
     if cfg.run.use_gpu:
         resources["GPU"] = cfg.run.gpus_per_worker
     return TorchTrainer(

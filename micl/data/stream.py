@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 from PIL import Image
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from micl.config import Config
 from micl.data.augment import RandAugment, strong_augment
@@ -50,6 +51,14 @@ from micl.data.transforms import (
 )
 
 NAMESPACE = "micl"
+
+
+def on_this_node() -> dict[str, Any]:
+    """Actor options that keep a driver's helper actor (the epoch clock, the restart counter,
+    the console relay) on the driver's own node. Unpinned, a 0-CPU actor may land on any node,
+    and losing a training node would then take the run's bookkeeping with it."""
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 ALL_BAD_RAISE_ROWS = 16
 _BICUBIC = Image.Resampling.BICUBIC
 _CROP_RATIO = (3 / 4, 4 / 3)
@@ -94,7 +103,8 @@ class EpochClock:
 def epoch_clock(name: str) -> Any:
     """Get or create the named EpochClock (namespace "micl"). It lives as long as the process
     that created it; map tasks look it up by name."""
-    return EpochClock.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    return EpochClock.options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                              **on_this_node()).remote()
 
 
 _CLOCK_HANDLES: dict[str, Any] = {}  # per worker process: name -> actor handle
@@ -165,6 +175,16 @@ class StreamSpec:
         return out
 
 
+def data_task_options(cfg: Config) -> dict[str, Any]:
+    """Ray options of the decode/mask tasks: their CPUs and, when data.node_labels is set,
+    the label selector that keeps them on the data nodes (the read of a Parquet shard then
+    no longer fuses into the task: a selector is an option the read does not share)."""
+    options: dict[str, Any] = {"num_cpus": cfg.data.data_cpus}
+    if cfg.data.node_labels:
+        options["label_selector"] = dict(cfg.data.node_labels)
+    return options
+
+
 def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: StreamSpec
                  ) -> ray.data.Dataset:
     """Pre-training batches from `load_split` rows.
@@ -182,7 +202,7 @@ def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: Stre
     # Read a separate operator, with its own tasks and an object-store hop).
     batch_size = None if source_for(cfg).fuses_read else cfg.data.map_batch_size
     return ds.map_batches(mapper, batch_size=batch_size, batch_format="numpy",
-                          num_cpus=cfg.data.data_cpus)
+                          **data_task_options(cfg))
 
 
 def label_subset(sample_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -226,7 +246,7 @@ def eval_stream(ds: ray.data.Dataset, cfg: Config, crop_pct: float = 1.0) -> ray
     """
     _check_shape_config(cfg)
     return ds.map_batches(_EvalMapper(cfg, crop_pct), batch_size=cfg.data.map_batch_size,
-                          batch_format="numpy", num_cpus=cfg.data.data_cpus)
+                          batch_format="numpy", **data_task_options(cfg))
 
 
 def _check_shape_config(cfg: Config) -> None:
