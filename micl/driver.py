@@ -10,6 +10,7 @@ here, before Ray starts, with errors that name the field.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -105,6 +106,22 @@ def connect_ray(num_cpus: int | None = None) -> None:
              configure_logging=True, logging_level="INFO" if verbose() else "WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet_driver_logs()
+
+
+def check_data_nodes(cfg: Config) -> None:
+    """With data.node_labels set, say so when no live node carries the labels: the decode
+    tasks would wait for one (on an autoscaling cluster, until the autoscaler adds it)."""
+    wanted = cfg.data.node_labels
+    if not wanted:
+        return
+    for node in ray.nodes():
+        labels = node.get("Labels") or {}
+        if node.get("Alive") and all(labels.get(k) == v for k, v in wanted.items()):
+            return
+    print(f"[micl] warning: no node of the cluster carries data.node_labels = {wanted}: the "
+          "data tasks wait until one joins (cluster.yaml's cpu_worker nodes carry "
+          "micl-role=data; on one machine, leave data.node_labels empty)",
+          file=sys.stderr, flush=True)
 
 
 def storage_path(cfg: Config) -> str:
@@ -239,6 +256,7 @@ def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResu
     run after every optimizer step on every worker (they must be importable there)."""
     cfg = resolve(check(cfg, preflight=True))
     connect_ray()
+    check_data_nodes(cfg)
     run_name = cfg.run.name or default_run_name(cfg)
     mlflow_run_id = open_run(cfg, run_name)
     logger = RunLogger(cfg.run.tracking_uri, mlflow_run_id) if mlflow_run_id else None

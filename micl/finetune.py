@@ -52,6 +52,7 @@ from micl.data.stream import (
 )
 from micl.data.transforms import normalize
 from micl.driver import (
+    check_data_nodes,
     connect_ray,
     fit_tracked,
     log_training_data,
@@ -320,6 +321,7 @@ def run_finetuning(cfg: Config, hooks: Sequence[StepHook] = ()) -> FinetuneResul
     cfg, encoder = check_finetune(cfg)
     cfg = resolve(cfg)
     connect_ray()
+    check_data_nodes(cfg)
     run_name = cfg.run.name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {ROLE_TAG: "finetune", "micl.init": cfg.finetune.init}
     if encoder is not None and encoder.run_id:

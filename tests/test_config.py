@@ -53,6 +53,9 @@ def test_yaml_then_cli_overrides(tmp_path):
         ("method.negatives=everywhere", "method.negatives"),
         ("run.gpus_per_worker=0", "run.gpus_per_worker"),
         ("run.gpus_per_worker=1.5", "run.gpus_per_worker"),  # a fraction of one, or whole GPUs
+        ("data.node_labels={micl-role: 1}", "data.node_labels.micl-role"),
+        ("data.node_labels=data", "data.node_labels"),
+        ("run.worker_resources={trainer: 0}", "run.worker_resources.trainer"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
