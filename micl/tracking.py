@@ -200,6 +200,24 @@ def log_dataset(uri: str, run_id: str, name: str, location: str, num_rows: int,
         dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
+@contextlib.contextmanager
+def in_experiment_of(run_id: str) -> Iterator[None]:
+    """MLflow's fluent API in the experiment of `run_id` for the block. log_model(run_id=...)
+    files the logged model under the *active* experiment (the Default one, "0", in a worker),
+    not its run's, and the experiment's Models tab would not list it."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = mlflow.get_run(run_id).info.experiment_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous
+
+
 def model_requirements() -> list[str]:
     """What a logged model needs to load: the versions this run used."""
     import timm
@@ -296,7 +314,7 @@ class RunLogger:
             level = pickle_note.level
             pickle_note.setLevel(logging.ERROR)
             try:
-                with use_tracking_uri(self.uri):
+                with use_tracking_uri(self.uri), in_experiment_of(self.run_id):
                     info = mlflow.pytorch.log_model(
                         module, name=name, step=step, run_id=self.run_id,
                         registered_model_name=register_as, serialization_format="pickle",

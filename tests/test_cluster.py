@@ -7,18 +7,17 @@ them, and the pipeline runs as a real `ray job submit` job.
 - `deploy/rayjob.yaml` (KubeRay) has a head, a GPU and a CPU worker group, a memory-backed
   /dev/shm that holds the object store, and the same pins.
 - `configs/imagenet_vitl16.yaml` loads and validates; storage URIs pass through untouched.
-- The end-to-end test starts its own Ray head (with the dashboard, which job submission needs),
-  submits `pipelines/pretrain.py` with `ray job submit --working-dir <repo>`, and checks the
-  MLflow store and the checkpoint the job wrote.
+- The end-to-end `ray job submit --working-dir <repo>` runs on a simulated multi-node cluster:
+  tests/test_multinode.py, which uses the process helpers below.
 
-Stopping that head: `ray stop` will not do. It matches processes by name (raylet, gcs_server,
-...) and terminates every Ray process on the machine: the cluster of the session fixture
-`ray_local`, and any other test run sharing the machine. So the head is started with
-`ray start --block` in a new session: on SIGTERM that process shuts down everything it started,
-in Ray's own order. Its process tree (GCS, raylet, dashboard, workers, the job's driver) is
-recorded from /proc while the cluster is up and again at teardown, and whatever of it outlives
-a grace period is killed by pid (a process-group kill would miss the workers, which Ray puts in
-process groups of their own).
+Stopping a cluster a test started: `ray stop` will not do. It matches processes by name
+(raylet, gcs_server, ...) and terminates every Ray process on the machine: the cluster of the
+session fixture `ray_local`, and any other test run sharing the machine. So each node is
+started with `ray start --block` in a new session: on SIGTERM that process shuts down
+everything it started, in Ray's own order. Its process tree (GCS, raylet, dashboard, workers,
+the job's driver) is recorded from /proc while the cluster is up and again at teardown, and
+whatever of it outlives a grace period is killed by pid (a process-group kill would miss the
+workers, which Ray puts in process groups of their own).
 """
 
 from __future__ import annotations
@@ -28,16 +27,12 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -58,7 +53,6 @@ IMAGENET_CONFIG = ROOT / "configs" / "imagenet_vitl16.yaml"
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "outputs",
                    "__pycache__"]
 
-JOB_TIMEOUT_S = 900
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -334,132 +328,3 @@ def _wait_gone(procs: dict[int, int], timeout: float) -> dict[int, int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
-
-
-def stop_head(proc: subprocess.Popen, tree: dict[int, int]) -> None:
-    """Stop exactly the processes of this head, never another cluster's. SIGTERM to
-    `ray start --block` makes it shut down what it started in Ray's own order (first the
-    raylet, which stops its workers; a few seconds). Whatever of the recorded process tree is
-    still alive after a grace period gets SIGKILL, by pid."""
-    procs = {**tree, **process_tree(proc.pid)}
-    procs.pop(os.getpid(), None)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    survivors = _wait_gone(procs, timeout=10)
-    _signal_all(survivors, signal.SIGKILL)
-    _wait_gone(survivors, timeout=5)
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-@contextmanager
-def ray_head(log_dir: Path) -> Iterator[tuple[str, Path]]:
-    """A fresh single-node Ray cluster with the Jobs API; yields (dashboard URL, temp dir).
-
-    Its own ports (including the client server and dashboard agent, whose defaults a second
-    cluster on the machine would collide with) and its own short temp dir (Unix socket paths
-    are limited to ~107 bytes, too short for pytest's tmp_path)."""
-    gcs, dashboard, client, agent = free_ports(4)
-    temp_dir = Path(tempfile.mkdtemp(prefix="micl-ray-", dir="/tmp"))
-    cmd = [RAY_CLI, "start", "--head", "--block",
-           "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(400 * 2**20),
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-           "--temp-dir", str(temp_dir), "--disable-usage-stats"]
-    log = open(log_dir / "ray-start.log", "w")  # closed in the finally below
-    proc = subprocess.Popen(cmd, env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
-    tree: dict[int, int] = {}
-    try:
-        deadline = time.monotonic() + 120
-        while not _http_ok(f"{url}/api/jobs/"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("ray start failed:\n" + (log_dir / "ray-start.log").read_text())
-            time.sleep(0.5)
-        tree = process_tree(proc.pid)
-        yield url, temp_dir
-    finally:
-        stop_head(proc, tree)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def job_config(tmp_path: Path) -> Path:
-    """A tiny real run: synthetic data, a 2-block ViT on 16x16 images, 2 epochs, local mode.
-    Storage is a file:// URI (the same code path as s3://); tracking an absolute SQLite path."""
-    cfg = {
-        "model": {"name": "vit_tiny", "img_size": 16, "patch_size": 4, "in_chans": 3,
-                  "embed_dim": 32, "depth": 2, "num_heads": 2},
-        "data": {"source": "synthetic", "synthetic_size": 96, "batch_size": 16,
-                 "map_batch_size": 16, "knn_bank_size": 64, "knn_query_size": 32,
-                 "data_cpus": 0.5},
-        "method": {"name": "micl", "mask_ratio": 0.5},
-        "optim": {"blr": 1.0e-3, "epochs": 2, "warmup_epochs": 1},
-        # Local mode: the loop runs in the submitted driver, so the test pays for no worker
-        # start-up (fits with workers: tests/test_pipeline.py) and persist_checkpoint writes
-        # to the file:// storage URI.
-        "run": {"name": "cluster-job", "num_workers": 0, "cpus_per_worker": 1,
-                "torch_threads": 1, "eval_every": 2,
-                "storage_path": (tmp_path / "runs").as_uri(),
-                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    load_config(path)  # fail here, not inside the job, if the config is wrong
-    return path
-
-
-@pytest.mark.e2e
-def test_ray_job_submit_end_to_end(tmp_path):
-    from mlflow.tracking import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    config = job_config(tmp_path)
-    submission_id = f"micl-test-{os.getpid()}-{int(time.time())}"
-    t0 = time.monotonic()
-    with ray_head(tmp_path) as (url, temp_dir):
-        started = time.monotonic() - t0
-        cmd = [RAY_CLI, "job", "submit", "--address", url,
-               "--submission-id", submission_id, "--working-dir", str(ROOT),
-               "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
-               "--", "python", "pipelines/pretrain.py", "--config", str(config)]
-        try:
-            out = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True,
-                                 timeout=JOB_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            JobSubmissionClient(url).stop_job(submission_id)
-            raise
-        submitted = time.monotonic() - t0 - started
-        client = JobSubmissionClient(url)
-        status = client.get_job_status(submission_id)
-        logs = client.get_job_logs(submission_id)
-        assert status == JobStatus.SUCCEEDED, \
-            f"job {status}\n--- ray job submit ---\n{out.stdout}\n{out.stderr}\n--- job ---\n{logs}"
-        assert out.returncode == 0
-        assert "micl pre-training finished" in logs
-
-        # What was uploaded: the code, not the virtualenv, the git history or local runs.
-        unpacked = temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
-        packages = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
-        assert len(packages) == 1, packages
-        shipped = {p.name for p in packages[0].iterdir()}
-        assert {"micl", "pipelines", "pyproject.toml"} <= shipped
-        assert not shipped & {".venv", ".git", "runs", "mlartifacts", "mlflow.db"}, shipped
-    elapsed = time.monotonic() - t0
-    print(f"\nray start {started:.1f}s, ray job submit (blocking) {submitted:.1f}s, "
-          f"total with ray head shutdown {elapsed:.1f}s")
-
-    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = mlflow.get_experiment_by_name("micl-pretrain")
-    assert experiment is not None
-    runs = mlflow.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    # run.eval_every = 2: the random encoder (step 0) and epoch 2 are evaluated, epoch 1 not.
-    knn = mlflow.get_metric_history(run.info.run_id, "knn_top1")
-    assert sorted(m.step for m in knn) == [0, 2]
-    assert run.data.params["run.storage_path"] == (tmp_path / "runs").as_uri()
-    # The checkpoint went to the file:// storage URI.
-    assert list((tmp_path / "runs" / "cluster-job").glob("checkpoint_*"))

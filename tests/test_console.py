@@ -166,6 +166,7 @@ def check_native_mlflow_run(tmp_path: Path, checkpoint: str) -> None:
     [output] = run.outputs.model_outputs
     assert output.step == 2  # logged after the last epoch, whose metrics it carries
     model = client.get_logged_model(output.model_id)
+    assert model.experiment_id == run.info.experiment_id  # listed in its experiment's Models
     assert {m.key for m in model.metrics} >= {"loss", "knn_top1"}
     [version] = client.search_model_versions("name = 'demo-encoder'")
     assert version.run_id == run.info.run_id and output.model_id in version.source
