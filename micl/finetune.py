@@ -201,6 +201,7 @@ def finetune_loop_per_worker(spec: FinetuneSpec) -> None:
                                           cfg.finetune.global_pool, d):
                 logger.artifact(path, "classifier")
         logger.model(model.net, "classifier", step=state.epoch)
+        logger.flush()
 
 
 def export_classifier(net: nn.Module, m: ModelConfig, num_classes: int, global_pool: str,

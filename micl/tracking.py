@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,39 +236,73 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 
 
 class RunLogger:
-    """Rank-0 metric logging to one MLflow run. A failing store (server down, disk full) is
-    reported once as a warning and training goes on; the metrics still reach Ray Train."""
+    """Rank-0 logging to one MLflow run. A store that fails (server down, disk full) is warned
+    about once and training goes on: the metric values are kept and sent again, at most every
+    `retry_s` seconds, until the store answers (a second warning then says so); tags,
+    artifacts and models that fail meanwhile are skipped and named in that warning. Every
+    value also reaches Ray Train's result."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
-        self.failed = False
+    MAX_PENDING = 100_000  # metric values kept while the store is down (a few MB at most)
+
+    def __init__(self, uri: str, run_id: str, retry_s: float = 30.0) -> None:
+        self.uri, self.run_id, self.retry_s = uri, run_id, retry_s
+        self.pending: list[Any] = []  # mlflow.entities.Metric not yet in the store
+        self.lost: list[str] = []  # what was skipped while the store was down
+        self.down_since: float | None = None
+        self.last_try = 0.0
+        self._adding = 0  # the metric values of the call in progress (not "kept meanwhile")
         # Fail fast on a dead server instead of MLflow's minutes of retries per call.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
+    @property
+    def failed(self) -> bool:
+        """Something has not reached the store (yet)."""
+        return bool(self.pending or self.lost) or self.down_since is not None
+
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
-        if self.failed:
+        """Run one store call unless the store is down and its retry is not due."""
+        if self.down_since is not None and time.monotonic() - self.last_try < self.retry_s:
+            if what != "metrics":  # metric values wait in self.pending
+                self.lost.append(what)
             return
+        self.last_try, late = time.monotonic(), len(self.pending) - self._adding
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 — tracking must never stop training
-            self.failed = True
-            warnings.warn(f"MLflow ({self.uri}) failed while logging {what}: {e}. Training "
-                          "continues; metrics are not being recorded in MLflow from now on "
-                          "(they stay in the Ray Train result).", stacklevel=2)
+            if what != "metrics":
+                self.lost.append(what)
+            if self.down_since is None:
+                self.down_since = self.last_try
+                warnings.warn(
+                    f"MLflow ({self.uri}) failed while logging {what}: {e}. Training continues; "
+                    f"metric values are kept and sent again every {self.retry_s:g} s until "
+                    "the store answers (they also stay in the Ray Train result).", stacklevel=2)
+            return
+        if self.down_since is not None:
+            skipped = f"; not logged meanwhile: {', '.join(self.lost)}" if self.lost else ""
+            warnings.warn(f"MLflow ({self.uri}) answers again after "
+                          f"{self.last_try - self.down_since:.0f} s: {late} metric values kept "
+                          f"meanwhile are logged now{skipped}.", stacklevel=2)
+            self.down_since = None
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        def log() -> None:
-            import time
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                if isinstance(v, int | float)]
+        self.pending += rows
+        del self.pending[: -self.MAX_PENDING]  # beyond the cap, the oldest go
+        self._adding = len(rows)
+        self._guard("metrics", self._send_pending)
+        self._adding = 0
 
-            now = int(time.time() * 1000)
-            items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                     if isinstance(v, int | float)]
-            mlflow_client(self.uri).log_batch(self.run_id, metrics=items)
-
-        self._guard("metrics", log)
+    def _send_pending(self) -> None:
+        client = mlflow_client(self.uri)
+        while self.pending:
+            client.log_batch(self.run_id, metrics=self.pending[:1000])  # MLflow's batch limit
+            del self.pending[:1000]
 
     def dataset(self, name: str, location: str, num_rows: int, context: str = "training"
                 ) -> None:
@@ -347,6 +382,14 @@ class RunLogger:
                 with contextlib.suppress(Exception):
                     monitor.finish()
 
+    def flush(self) -> None:
+        """One more try for the metric values kept while the store was down, whenever the
+        last try was (a run's end)."""
+        if self.pending:
+            self.last_try = 0.0
+            self._guard("metrics", self._send_pending)
+
     def end(self, status: str = "FINISHED") -> None:
+        self.flush()
         self._guard("run status",
                     lambda: mlflow_client(self.uri).set_terminated(self.run_id, status))

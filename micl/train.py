@@ -606,3 +606,4 @@ def train_loop_per_worker(spec: LoopSpec) -> None:
             save_and_report(model, opt, cfg, spec, state, metrics, w, logger)
         if logger:
             log_encoder(logger, objective, cfg, state.epoch)
+            logger.flush()

@@ -165,11 +165,12 @@ class SimulatedCluster:
 
 
 @contextmanager
-def mlflow_server(root: Path, artifacts: Path) -> Iterator[str]:
-    """`mlflow server` on a loopback port, SQLite backend, artifacts proxied to `artifacts`
-    (what cluster.yaml's head runs); stopped by pid."""
-    (port,) = free_ports(1)
-    log = root / "mlflow-server.log"
+def mlflow_server(root: Path, artifacts: Path, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` on a loopback port (a free one unless given), SQLite backend at
+    root/mlflow.db, artifacts proxied to `artifacts` (what cluster.yaml's head runs); stopped
+    by pid."""
+    port = port or free_ports(1)[0]
+    log = root / f"mlflow-server-{port}-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
         [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
          f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts),

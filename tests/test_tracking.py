@@ -1,11 +1,17 @@
-"""Where MLflow is, and what tracking failures do: plain unit tests (no Ray)."""
+"""Where MLflow is, and what tracking failures do (no Ray; one test runs a real `mlflow server`)."""
 
 from __future__ import annotations
 
 import re
 import socket
+import time
 import warnings
 from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_cluster import free_ports
+from test_multinode import mlflow_server
 
 from micl.config import load_config
 from micl.driver import check
@@ -38,6 +44,36 @@ def test_a_store_failing_mid_run_is_warned_about_once(tmp_path):
     messages = [str(w.message) for w in caught if "MLflow" in str(w.message)]
     assert len(messages) == 1 and "Training continues" in messages[0]
     assert logger.failed
+    assert len(logger.pending) == 3  # kept for when the store answers again
+    assert any("note.txt" in what for what in logger.lost)
+
+
+@pytest.mark.e2e
+def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(tmp_path):
+    """A real `mlflow server` stops mid-run and comes back on the same port: training is told
+    once when it goes and once when it is back, and no metric value is lost."""
+    port = free_ports(1)[0]
+    with mlflow_server(tmp_path, tmp_path / "artifacts", port) as url:
+        client = MlflowClient(url)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        logger = RunLogger(url, run_id, retry_s=0.2)
+        logger.metrics({"loss": 4.0}, step=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.metrics({"loss": 3.0}, step=2)  # the server is gone
+        logger.metrics({"loss": 2.0}, step=3)
+        logger.tags({"note": "during the outage"})
+        with mlflow_server(tmp_path, tmp_path / "artifacts", port):
+            time.sleep(0.3)  # the retry is due
+            logger.metrics({"loss": 1.0}, step=4)
+            history = MlflowClient(url).get_metric_history(run_id, "loss")
+    messages = [str(w.message) for w in caught if "MLflow" in str(w.message)]
+    assert len(messages) == 2, messages
+    assert "Training continues" in messages[0]
+    assert "answers again" in messages[1] and "2 metric values" in messages[1] \
+        and "tags" in messages[1]
+    assert [(m.step, m.value) for m in history] == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0)]
+    assert not logger.pending
 
 
 def test_the_demo_config_is_the_documented_recipe():
