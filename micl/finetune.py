@@ -200,7 +200,7 @@ def finetune_loop_per_worker(spec: FinetuneSpec) -> None:
             for path in export_classifier(model.net, cfg.model, spec.num_classes,
                                           cfg.finetune.global_pool, d):
                 logger.artifact(path, "classifier")
-        logger.model(model.net, "classifier", step=state.epoch)
+        logger.model(model.net, "micl_classifier", step=state.epoch)  # not the folder's name
         logger.flush()
 
 

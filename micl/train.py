@@ -537,6 +537,7 @@ def close_epoch(sums: EpochSums, model: torch.nn.Module, cfg: Config, spec: Loop
 # ----------------------------------------------------------------------------- kNN and artifacts
 
 
+ENCODER_MODEL = "micl_encoder"  # the logged model's name (the weights' folder is `encoder/`)
 KNN_PHASES = {"knn_bank": "kNN bank", "knn_query": "kNN queries"}
 
 
@@ -573,7 +574,10 @@ def log_encoder(logger: RunLogger, objective: Objective, cfg: Config, epoch: int
         weights = export_encoder(objective.encoder, cfg.model, d)
         for path in sorted(weights.parent.iterdir()):
             logger.artifact(path, "encoder")
-    logger.model(objective.encoder, "encoder", step=epoch, register_as=cfg.run.register_model)
+    # Not named "encoder": MLflow would merge a logged model of that name into the run's
+    # `encoder/` artifacts, and resolve it through the default tracking URI, not the run's.
+    logger.model(objective.encoder, ENCODER_MODEL, step=epoch,
+                 register_as=cfg.run.register_model)
 
 
 def log_mask_picture(logger: RunLogger, batch: dict[str, torch.Tensor], cfg: Config) -> None:
