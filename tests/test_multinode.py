@@ -46,7 +46,7 @@ from micl.config import load_config
 
 DATA_LABEL = {"micl-role": "data"}
 TRAINER_RESOURCE = "trainer"  # the stand-in for GPU: a training worker requests 1
-EPOCHS = 4
+EPOCHS = 3
 
 
 def node_env() -> dict[str, str]:
@@ -166,7 +166,7 @@ class SimulatedCluster:
             procs.update(node.processes())
             if node.proc.poll() is None:
                 node.proc.terminate()
-        survivors = _wait_gone(procs, timeout=15)
+        survivors = _wait_gone(procs, timeout=5)  # the rest of a drain is not worth waiting for
         _signal_all(survivors, 9)
         _wait_gone(survivors, timeout=5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
