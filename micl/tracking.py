@@ -250,7 +250,6 @@ class RunLogger:
         self.lost: list[str] = []  # what was skipped while the store was down
         self.down_since: float | None = None
         self.last_try = 0.0
-        self._adding = 0  # the metric values of the call in progress (not "kept meanwhile")
         # Fail fast on a dead server instead of MLflow's minutes of retries per call.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -260,15 +259,20 @@ class RunLogger:
         """Something has not reached the store (yet)."""
         return bool(self.pending or self.lost) or self.down_since is not None
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
-        """Run one store call unless the store is down and its retry is not due."""
+    def _guard(self, what: str, fn, *args, kept: int | None = None, **kwargs) -> None:
+        """Run one store call unless the store is down and its retry is not due. When a call
+        succeeds after an outage, the metric values kept meanwhile (`kept`: default, all that
+        wait) go too, and a warning says so."""
         if self.down_since is not None and time.monotonic() - self.last_try < self.retry_s:
             if what != "metrics":  # metric values wait in self.pending
                 self.lost.append(what)
             return
-        self.last_try, late = time.monotonic(), len(self.pending) - self._adding
+        self.last_try = time.monotonic()
+        kept = len(self.pending) if kept is None else kept
         try:
             fn(*args, **kwargs)
+            if self.down_since is not None:
+                self._send_pending()
         except Exception as e:  # noqa: BLE001 — tracking must never stop training
             if what != "metrics":
                 self.lost.append(what)
@@ -282,7 +286,7 @@ class RunLogger:
         if self.down_since is not None:
             skipped = f"; not logged meanwhile: {', '.join(self.lost)}" if self.lost else ""
             warnings.warn(f"MLflow ({self.uri}) answers again after "
-                          f"{self.last_try - self.down_since:.0f} s: {late} metric values kept "
+                          f"{self.last_try - self.down_since:.0f} s: {kept} metric values kept "
                           f"meanwhile are logged now{skipped}.", stacklevel=2)
             self.down_since = None
 
@@ -290,13 +294,11 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                if isinstance(v, int | float)]
-        self.pending += rows
+        kept = len(self.pending)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                         if isinstance(v, int | float)]
         del self.pending[: -self.MAX_PENDING]  # beyond the cap, the oldest go
-        self._adding = len(rows)
-        self._guard("metrics", self._send_pending)
-        self._adding = 0
+        self._guard("metrics", self._send_pending, kept=kept)
 
     def _send_pending(self) -> None:
         client = mlflow_client(self.uri)

@@ -12,7 +12,6 @@ The pieces that are not about pre-training (`resume`, `save_and_report`, `run_lo
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import tempfile
 import time
@@ -366,8 +365,10 @@ class EpochSums:
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
     seconds: float = 0.0
     lr: float = 0.0
-    data_start: float = 0.0  # seconds this worker waited for the epoch's first batch
-    data_wait: float = 0.0  # seconds it waited for the later ones
+    # this worker's own (not all-reduced): waits for the epoch's first batch, for the later ones
+    data_start: float = 0.0
+    data_wait: float = 0.0
+    data_batches: int = 0
 
     def add(self, result: StepResult) -> None:
         self.loss = self.loss + result.loss
@@ -386,7 +387,7 @@ class EpochSums:
             dist.all_reduce(t)
         loss, steps, images, *rest = t.tolist()
         return EpochSums(loss, int(steps), int(images), dict(zip(names, rest, strict=True)),
-                         self.seconds, self.lr, self.data_start, self.data_wait)
+                         self.seconds, self.lr)
 
     def means(self) -> dict[str, float]:
         """Epoch means per applied step: the loss and each of the objective's metrics."""
@@ -431,18 +432,16 @@ def timed(batches: Iterable[Any], sums: EpochSums) -> Iterator[Any]:
     sums.data_start, the others summed in sums.data_wait. The step before has synced with the
     device (train_step's finiteness check), so a wait is time the device sat idle for want of
     data: near 0 when the stream keeps up."""
-    it = iter(batches)
-    for i in itertools.count():
-        t = time.perf_counter()
-        batch = next(it, None)
+    t = time.perf_counter()
+    for batch in batches:
         waited = time.perf_counter() - t
-        if i == 0:
+        if sums.data_batches == 0:
             sums.data_start = waited
         else:
             sums.data_wait += waited
-        if batch is None:
-            return
+        sums.data_batches += 1
         yield batch
+        t = time.perf_counter()
 
 
 def show_step(loss: torch.Tensor | None, sums: EpochSums, cfg: Config, state: TrainState,
@@ -501,7 +500,7 @@ def epoch_metrics(sums: EpochSums, cfg: Config, spec: LoopSpec, state: TrainStat
             # rank 0's waits for data: for the first batch, then per later step (a data-bound
             # run shows the latter close to the step time)
             "data_start_s": sums.data_start,
-            "data_wait_s": sums.data_wait / max(sums.steps - 1, 1), "skipped": skipped,
+            "data_wait_s": sums.data_wait / max(sums.data_batches - 1, 1), "skipped": skipped,
             "restarts": state.restarts, "skipped_steps": state.skipped_steps}
 
 

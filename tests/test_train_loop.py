@@ -113,6 +113,7 @@ def test_the_waits_for_data_are_timed_the_first_apart():
     assert len(list(timed(slow_stream(), sums))) == 4
     assert 0.3 <= sums.data_start < 0.45
     assert 0.15 <= sums.data_wait < 0.3
+    assert sums.data_batches == 4  # the stream's end is no wait for a batch
 
 
 def test_a_compiled_model_checkpoints_under_its_plain_names():

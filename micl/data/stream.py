@@ -59,6 +59,8 @@ def on_this_node() -> dict[str, Any]:
     and losing a training node would then take the run's bookkeeping with it."""
     node = ray.get_runtime_context().get_node_id()
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 ALL_BAD_RAISE_ROWS = 16
 _BICUBIC = Image.Resampling.BICUBIC
 _CROP_RATIO = (3 / 4, 4 / 3)
