@@ -61,6 +61,9 @@ class StepInfo:
     rank: int
     epoch: int  # 0-based epoch the step belongs to
     step: int  # optimizer steps done so far in the run
+    # The step's micro-batches as the model got them (on the device): what a hook needs to
+    # see which samples trained (`sample_id`), without the loop paying for it.
+    batches: Sequence[dict[str, torch.Tensor]] = ()
 
 
 StepHook = Callable[[StepInfo], None]
@@ -420,7 +423,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
         state.step += 1
         unwrap(model).after_step(state.step, per_epoch * cfg.optim.epochs)
         for hook in spec.hooks:
-            hook(StepInfo(w.rank, state.epoch, state.step))
+            hook(StepInfo(w.rank, state.epoch, state.step, micro))
         show_step(result.loss, sums, cfg, state, w, logger, per_epoch, t0)
     sums.seconds = time.perf_counter() - t0
     show_step(None, sums, cfg, state, w, None, per_epoch, t0)  # the bar reaches its end

@@ -49,7 +49,8 @@ def concurrent_trials(cfg: Config, space: SearchSpace,
                       resources: dict[str, float] | None = None) -> int:
     """How many trials fit at once in the cluster's `resources` (default: Ray's view) while
     leaving every trial's Ray Data a CPU of its own; with run.gpus_per_worker = 0.5, two
-    single-worker trials share each GPU."""
+    single-worker trials share each GPU. The custom resources of run.worker_resources count
+    too: trials beyond them would hold their CPUs waiting for workers that cannot start."""
     if space.max_concurrent_trials:
         return space.max_concurrent_trials
     res = ray.cluster_resources() if resources is None else resources
@@ -58,6 +59,8 @@ def concurrent_trials(cfg: Config, space: SearchSpace,
     if cfg.run.use_gpu:
         per_trial_gpu = max(cfg.run.num_workers, 1) * cfg.run.gpus_per_worker
         fits = min(fits, int(res.get("GPU", 0) // per_trial_gpu))
+    for name, amount in cfg.run.worker_resources.items():
+        fits = min(fits, int(res.get(name, 0) // (max(cfg.run.num_workers, 1) * amount)))
     return max(1, min(fits, space.num_trials()))
 
 

@@ -186,15 +186,15 @@ def test_bad_input_is_refused_before_ray_starts(tmp_path):
 
 @pytest.mark.e2e
 def test_finetune_from_a_pretraining_run_survives_a_killed_worker(micl_run, tmp_path):
-    """Two workers start from the session's MiCL run; rank 1 dies in epoch 2 (96 samples /
-    2 workers / batch 8 = 6 steps an epoch); the fit resumes from the epoch-1 checkpoint and
-    ends at epoch 3. The runs are linked both ways and the classifier is exported."""
+    """A worker starts from the session's MiCL run and dies in epoch 2 (96 samples / batch 8 =
+    12 steps an epoch); the fit resumes from the epoch-1 checkpoint and ends at epoch 3. The
+    runs are linked both ways and the classifier is exported. One worker: a restarted group of
+    two is the pre-training reliability test's subject (tests/test_reliability.py)."""
     _, pre = micl_run
     store = Path(pre.tracking_uri.removeprefix("sqlite:///")).parent
-    cfg = ft_config(store, f"finetune.init={pre.mlflow_run_id}", "run.num_workers=2",
-                    "run.cpus_per_worker=0.5",
-                    "run.max_failures=1", "run.name=ft-killed")
-    kill = KillOnce(rank=1, step=9, marker_dir=tmp_path / "faults")
+    cfg = ft_config(store, f"finetune.init={pre.mlflow_run_id}", "run.num_workers=1",
+                    "run.cpus_per_worker=0.5", "run.max_failures=1", "run.name=ft-killed")
+    kill = KillOnce(rank=0, step=15, marker_dir=tmp_path / "faults")
     result = run_finetuning(cfg, hooks=[kill])
     assert kill.marker().exists()
     assert result.metrics["epoch"] == 3 and result.metrics["restarts"] == 1

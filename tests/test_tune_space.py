@@ -224,3 +224,14 @@ def test_fractional_gpus_let_trials_share_a_gpu(gpus_per_worker, workers, expect
     space = parse_space({"params": {"method.mask_ratio": {"grid": [0.5, 0.6, 0.75, 0.9]}}}, cfg)
     # 16 CPUs would fit 8 trials; the one GPU decides.
     assert concurrent_trials(cfg, space, {"CPU": 16, "GPU": 1}) == expected
+
+
+@pytest.mark.parametrize(("workers", "trainer_nodes", "expected"), [(1, 2, 2), (2, 2, 1),
+                                                                      (1, 1, 1), (1, 8, 4)])
+def test_trials_fit_the_workers_custom_resources(workers, trainer_nodes, expected):
+    """The simulated cluster's trainer nodes (tests/test_multinode.py): each worker needs one
+    `trainer`; 16 CPUs alone would fit 8 trials, the 4 grid points at most 4."""
+    cfg = load_config(overrides=[f"run.num_workers={workers}", "run.cpus_per_worker=0.5",
+                                 "run.worker_resources={trainer: 1}"])
+    space = parse_space({"params": {"method.mask_ratio": {"grid": [0.5, 0.6, 0.75, 0.9]}}}, cfg)
+    assert concurrent_trials(cfg, space, {"CPU": 16, "trainer": trainer_nodes}) == expected
