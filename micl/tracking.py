@@ -238,9 +238,10 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 class RunLogger:
     """Rank-0 logging to one MLflow run. A store that fails (server down, disk full) is warned
     about once and training goes on: the metric values are kept and sent again, at most every
-    `retry_s` seconds, until the store answers (a second warning then says so); tags,
-    artifacts and models that fail meanwhile are skipped and named in that warning. Every
-    value also reaches Ray Train's result."""
+    `retry_s` seconds, until the store answers (a second warning then says so). Tags,
+    artifacts and models, a few calls per run and the run's result at its end, are tried each
+    time; those that fail are skipped and named in that warning. Every value also reaches Ray
+    Train's result."""
 
     MAX_PENDING = 100_000  # metric values kept while the store is down (a few MB at most)
 
@@ -263,10 +264,9 @@ class RunLogger:
         """Run one store call unless the store is down and its retry is not due. When a call
         succeeds after an outage, the metric values kept meanwhile (`kept`: default, all that
         wait) go too, and a warning says so."""
-        if self.down_since is not None and time.monotonic() - self.last_try < self.retry_s:
-            if what != "metrics":  # metric values wait in self.pending
-                self.lost.append(what)
-            return
+        if self.down_since is not None and what == "metrics" and \
+                time.monotonic() - self.last_try < self.retry_s:
+            return  # the values wait in self.pending
         self.last_try = time.monotonic()
         kept = len(self.pending) if kept is None else kept
         try:
