@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +245,14 @@ class RunLogger:
 
     MAX_PENDING = 100_000  # metric values kept while the store is down (a few MB at most)
 
-    def __init__(self, uri: str, run_id: str, retry_s: float = 30.0) -> None:
+    def __init__(self, uri: str, run_id: str, retry_s: float = 30.0,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.uri, self.run_id, self.retry_s = uri, run_id, retry_s
+        # How the two outage messages reach the user: a UserWarning by default; a training
+        # worker passes its console instead, since in a worker Python's warning filters are
+        # not reliable (Ray Data's batch threads set and reset them around every tensor
+        # conversion, and the process-wide `catch_warnings` races can leave them on ignore).
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=4))
         self.pending: list[Any] = []  # mlflow.entities.Metric not yet in the store
         self.lost: list[str] = []  # what was skipped while the store was down
         self.down_since: float | None = None
@@ -278,16 +284,16 @@ class RunLogger:
                 self.lost.append(what)
             if self.down_since is None:
                 self.down_since = self.last_try
-                warnings.warn(
+                self.warn(
                     f"MLflow ({self.uri}) failed while logging {what}: {e}. Training continues; "
                     f"metric values are kept and sent again every {self.retry_s:g} s until "
-                    "the store answers (they also stay in the Ray Train result).", stacklevel=2)
+                    "the store answers (they also stay in the Ray Train result).")
             return
         if self.down_since is not None:
             skipped = f"; not logged meanwhile: {', '.join(self.lost)}" if self.lost else ""
-            warnings.warn(f"MLflow ({self.uri}) answers again after "
-                          f"{self.last_try - self.down_since:.0f} s: {kept} metric values kept "
-                          f"meanwhile are logged now{skipped}.", stacklevel=2)
+            self.warn(f"MLflow ({self.uri}) answers again after "
+                      f"{self.last_try - self.down_since:.0f} s: {kept} metric values kept "
+                      f"meanwhile are logged now{skipped}.")
             self.down_since = None
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -329,7 +329,8 @@ def stop_on_nonfinite(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: C
 def run_logger(spec: LoopSpec, cfg: Config, w: Worker) -> RunLogger | None:
     if w.rank != 0 or not spec.mlflow_run_id:
         return None
-    return RunLogger(tracking_uri(cfg), spec.mlflow_run_id)
+    return RunLogger(tracking_uri(cfg), spec.mlflow_run_id,
+                     warn=lambda message: w.console.line(f"[micl] warning: {message}"))
 
 
 def system_metrics(logger: RunLogger | None, cfg: Config) -> contextlib.AbstractContextManager:

@@ -110,7 +110,7 @@ def test_relay_keeps_lines_in_order_and_only_the_newest_progress(ray_local):
 def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     """pipelines/pretrain.py on tiny synthetic data with one Ray Train worker, as a user runs
     it: its own process and Ray, output to a pipe."""
-    args = ["data.source=synthetic", "data.synthetic_size=1280", "data.batch_size=16",
+    args = ["data.source=synthetic", "data.synthetic_size=640", "data.batch_size=16",
             "data.map_batch_size=64", "data.knn_bank_size=64", "data.knn_query_size=32",
             "data.data_cpus=0.5", *MODEL, "method.mask_ratio=0.5", "optim.epochs=2",
             "optim.warmup_epochs=0", "optim.blr=0.02",
@@ -136,7 +136,7 @@ def test_demo_console_and_mlflow_run(tmp_path):
     assert proc.returncode == 0, "\n".join(lines)
     assert len(lines) == len(set(lines)), "a line printed twice:\n" + "\n".join(lines)
     assert not [line for line in lines if any(s in line for s in INTERNALS)], "\n".join(lines)
-    progress = [line for line in lines if re.match(r"\[micl\] epoch \d/2 +\d+% \d+/80 steps "
+    progress = [line for line in lines if re.match(r"\[micl\] epoch \d/2 +\d+% \d+/40 steps "
                                                    r" loss \S+  \d+ img/s  \d+s left$", line)]
     assert progress, "no progress line:\n" + "\n".join(lines)
     assert [line.split(":")[0] for line in lines if re.match(r"\[micl\] epoch \d/2:", line)] == \
@@ -158,9 +158,9 @@ def check_native_mlflow_run(tmp_path: Path, checkpoint: str) -> None:
     assert float(tags["micl.knn_top1_init"]) > 0 and "knn_top1_init" not in run.data.metrics
     assert run.data.params["optim.epochs"] == "2"
     [data] = run.inputs.dataset_inputs
-    assert data.dataset.name == "synthetic/train" and '"num_rows": 1280' in data.dataset.profile
+    assert data.dataset.name == "synthetic/train" and '"num_rows": 640' in data.dataset.profile
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/loss")]
-    assert steps == list(range(5, 161, 5))  # 80 steps per epoch, every 5th
+    assert steps == list(range(5, 81, 5))  # 40 steps per epoch, every 5th
     assert {"step/lr", "step/images_per_s", "system/cpu_utilization_percentage",
             "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     [output] = run.outputs.model_outputs

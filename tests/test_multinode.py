@@ -3,15 +3,21 @@ runs no work, "trainer" nodes carrying a custom resource that stands in for GPUs
 workers request it, as they would `GPU`), CPU-only data nodes labelled `micl-role=data`, a
 real `mlflow server` (SQLite, artifacts on the shared storage) and one directory standing in
 for the shared file system. Each node is a `ray start --block` process of its own; logical CPU
-counts exceed the two physical cores, so models and data are tiny.
+counts exceed the two physical cores, so models and data are tiny. One cluster serves the
+module; every run reaches it through `ray job submit --working-dir`, as a user's would.
 
-One job, submitted with `ray job submit --working-dir`, pre-trains with 2 workers on the 2
-trainer nodes while the test kills one trainer node whole (its raylet, workers and agents, by
-pid) after the first epoch and adds a fresh trainer node: the run must restart its worker group
-there, resume from the shared checkpoint and finish with restarts = 1 and no epoch logged twice,
-its decode/mask tasks all on the data nodes (the state API says where each task ran), its
-metrics and logged encoder on the MLflow server.
+- `pipelines/pretrain.py`, submitted with its working directory, meets three failures one
+  after another (tests/cluster_job.py runs it with a hook that holds rank 0 at known steps, so
+  that each comes at a known point): a data node is killed mid-epoch (the epoch must still
+  train on every sample exactly once), a trainer node is killed whole in epoch 2 and a fresh
+  one added (the worker group restarts there from the shared checkpoint: restarts = 1, no
+  epoch logged twice), and the MLflow server stops and comes back while the restarted group
+  redoes epoch 2 (one warning each way; every metric value arrives). The upload holds the
+  code, not the virtualenv or local runs.
+- A Tune search runs its two trials side by side, one on each trainer node, nested under their
+  parent run on the server.
 
+Wherever a run's decode/mask tasks ran, the state API says so: on the data nodes only.
 Processes are stopped by pid, never with `ray stop` (see tests/test_cluster.py).
 """
 
@@ -46,7 +52,6 @@ from micl.config import load_config
 
 DATA_LABEL = {"micl-role": "data"}
 TRAINER_RESOURCE = "trainer"  # the stand-in for GPU: a training worker requests 1
-EPOCHS = 3
 
 
 def node_env() -> dict[str, str]:
@@ -159,78 +164,62 @@ class SimulatedCluster:
         _wait_gone(procs, timeout=10)
 
     def stop(self) -> None:
-        """Every node at once: SIGTERM lets each `ray start --block` stop what it started;
-        whatever outlives a grace period gets SIGKILL, by pid."""
+        """Every node at once, by pid, with SIGKILL: nothing of a test cluster is worth a
+        graceful drain (a worker started since the last look dies with its raylet)."""
         procs: dict[int, int] = {}
         for node in self.nodes:
             procs.update(node.processes())
-            if node.proc.poll() is None:
-                node.proc.terminate()
-        survivors = _wait_gone(procs, timeout=5)  # the rest of a drain is not worth waiting for
-        _signal_all(survivors, 9)
-        _wait_gone(survivors, timeout=5)
+        _signal_all(procs, 9)
+        _wait_gone(procs, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class MlflowServer:
+    """`mlflow server` on a loopback port (a free one unless given), SQLite backend at
+    root/mlflow.db, artifacts proxied to `artifacts` (what cluster.yaml's head runs); started
+    and stopped by pid, again on the same port when restarted."""
+
+    def __init__(self, root: Path, artifacts: Path, port: int | None = None) -> None:
+        self.root, self.artifacts = root, artifacts
+        self.port = port or free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.root / f"mlflow-server-{self.port}-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
+             str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"], stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not _http_ok(f"{self.url}/health"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start:\n{log.read_text()}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            procs = process_tree(self.proc.pid)
+            _signal_all(procs, 15)
+            _signal_all(_wait_gone(procs, timeout=10), 9)
+            self.proc = None
 
 
 @contextmanager
 def mlflow_server(root: Path, artifacts: Path, port: int | None = None) -> Iterator[str]:
-    """`mlflow server` on a loopback port (a free one unless given), SQLite backend at
-    root/mlflow.db, artifacts proxied to `artifacts` (what cluster.yaml's head runs); stopped
-    by pid."""
-    port = port or free_ports(1)[0]
-    log = root / f"mlflow-server-{port}-{time.monotonic_ns()}.log"
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """A started MlflowServer's URL for the block."""
+    server = MlflowServer(root, artifacts, port)
+    server.start()
     try:
-        deadline = time.monotonic() + 120
-        while not _http_ok(f"{url}/health"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{log.read_text()}")
-            time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        procs = process_tree(proc.pid)
-        _signal_all(procs, 15)
-        _signal_all(_wait_gone(procs, timeout=10), 9)
+        server.stop()
 
 
-def job_config(root: Path, shared: Path, tracking: str) -> Path:
-    cfg = {
-        "model": {"name": "vit_tiny", "img_size": 16, "patch_size": 4, "in_chans": 3,
-                  "embed_dim": 32, "depth": 2, "num_heads": 2},
-        "data": {"source": "synthetic", "synthetic_size": 256, "batch_size": 16,
-                 "map_batch_size": 16, "knn_bank_size": 64, "knn_query_size": 32,
-                 "data_cpus": 0.5, "node_labels": DATA_LABEL},
-        "method": {"name": "micl", "mask_ratio": 0.5},
-        "optim": {"blr": 1.0e-3, "epochs": EPOCHS, "warmup_epochs": 1},
-        "run": {"name": "multinode", "num_workers": 2, "cpus_per_worker": 0.5,
-                "worker_resources": {TRAINER_RESOURCE: 1}, "torch_threads": 1,
-                "max_failures": 1, "eval_every": EPOCHS, "system_metrics_every_s": 0,
-                # a file:// URI: the code path of s3:// and other pyarrow file systems
-                "storage_path": (shared / "runs").as_uri(), "tracking_uri": tracking},
-    }
-    path = root / "multinode.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    load_config(path)
-    return path
-
-
-def wait_for_epoch(client, experiment: str, epoch: int, job, timeout: float = 300) -> str:
-    """The run id once its MLflow run has logged `epoch`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        if runs and runs[0].data.metrics.get("epoch", 0) >= epoch:
-            return runs[0].info.run_id
-        if job.poll() is not None:
-            raise AssertionError(f"the job ended before epoch {epoch}")
-        time.sleep(0.3)
-    raise AssertionError(f"no epoch {epoch} within {timeout} s")
+# ----------------------------------------------------------------------------- the cluster
 
 
 def trainer(name: str) -> tuple[str, float, dict[str, float], dict[str, str]]:
@@ -241,75 +230,256 @@ def data_node(name: str) -> tuple[str, float, dict[str, float], dict[str, str]]:
     return name, 1, {}, DATA_LABEL
 
 
-@pytest.mark.e2e
-def test_a_job_on_several_nodes_survives_losing_a_trainer_node(tmp_path):
-    from mlflow.tracking import MlflowClient
-    from ray.util.state import list_actors, list_tasks
+@dataclass
+class Env:
+    root: Path
+    shared: Path  # the "NFS" every node sees
+    cluster: SimulatedCluster
+    server: MlflowServer
+    trainers: list[Node]
+    data: list[Node]
+    started_s: float  # cluster and server up
 
-    shared = tmp_path / "shared"  # the "NFS" every node sees
+    def node_ids(self, nodes: list[Node]) -> set[str]:
+        return {n.node_id for n in nodes}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("multinode")
+    shared = root / "shared"
     with ExitStack() as stack:
         t0 = time.monotonic()
-        cluster = SimulatedCluster(tmp_path)
+        cluster = SimulatedCluster(root)
         stack.callback(cluster.stop)
-        first, second, *data_nodes = cluster.add([trainer("trainer-1"), trainer("trainer-2"),
-                                                  data_node("data-1"), data_node("data-2")])
-        tracking = stack.enter_context(mlflow_server(tmp_path, shared / "mlartifacts"))
-        started = time.monotonic() - t0
-        job_log = tmp_path / "job.log"
-        job = subprocess.Popen(
-            [RAY_CLI, "job", "submit", "--address", cluster.url, "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--", "python",
-             "pipelines/pretrain.py", "--config", str(job_config(tmp_path, shared, tracking))],
-            env=ray_env(), stdout=job_log.open("w"), stderr=subprocess.STDOUT)
-        stack.callback(lambda: job.poll() is None and job.kill())
-        client = MlflowClient(tracking)
-        run_id = wait_for_epoch(client, "micl-pretrain", 1, job)
-        killed_at = time.time()
-        cluster.kill(first)
-        (spare,) = cluster.add([trainer("trainer-3")])  # capacity for the restarted group
-        assert job.wait(timeout=600) == 0, job_log.read_text()[-4000:]
-        finished = time.time()
-        tasks = list_tasks(address=cluster.url, detail=True, limit=10000,
-                           raise_on_missing_output=False)
-        actors = list_actors(address=cluster.url, detail=True, limit=1000,
-                             raise_on_missing_output=False)
-        inspected = time.time()
+        *trainers, first_data, second_data = cluster.add([
+            trainer("trainer-1"), trainer("trainer-2"), data_node("data-1"),
+            data_node("data-2")])
+        server = MlflowServer(root, shared / "mlartifacts")
+        server.start()
+        stack.callback(server.stop)
+        yield Env(root, shared, cluster, server, trainers, [first_data, second_data],
+                  time.monotonic() - t0)
 
-        # Where the work ran: every decode/mask task on a data node, every training worker on a
-        # trainer node (both of the first group, then the surviving one and the spare).
-        data_ids = {n.node_id for n in data_nodes}
-        mappers = [t for t in tasks if "_TrainMapper" in t.name or "_EvalMapper" in t.name]
-        assert mappers, sorted({t.name for t in tasks})
-        assert {t.node_id for t in mappers} <= data_ids, \
-            [(t.name, t.node_id) for t in mappers if t.node_id not in data_ids][:5]
-        workers = {a.node_id for a in actors if a.class_name == "RayTrainWorker"}
-        assert workers == {first.node_id, second.node_id, spare.node_id}, workers
 
-        # The run: one restart, resumed from the shared checkpoint, every epoch logged once, its
-        # metrics, artifacts and logged encoder on the MLflow server.
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.metrics["restarts"] == 1 and run.data.metrics["epoch"] == EPOCHS
-        epochs = client.get_metric_history(run_id, "loss")
-        assert sorted(m.step for m in epochs) == list(range(1, EPOCHS + 1))
-        # run.eval_every = EPOCHS: the random encoder (step 0) and the last epoch only
-        knn = client.get_metric_history(run_id, "knn_top1")
-        assert sorted(m.step for m in knn) == [0, EPOCHS]
-        log = job_log.read_text()
-        assert "[micl] restart 1: resuming from epoch" in log, log[-4000:]
-        # What was uploaded: the code, not the virtualenv, the git history or local runs.
-        unpacked = cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
-        [package] = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
-        shipped = {p.name for p in package.iterdir()}
-        assert {"micl", "pipelines", "pyproject.toml"} <= shipped
-        assert not shipped & {".venv", ".git", "runs", "mlartifacts", "mlflow.db"}, shipped
-        assert list((shared / "runs" / "multinode").glob("checkpoint_*"))
-        assert {a.path for a in client.list_artifacts(run_id, "encoder")} == \
-            {"encoder/encoder_timm.pth", "encoder/timm_model.json"}
-        assert list((shared / "mlartifacts").rglob("encoder_timm.pth"))
-        models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-        assert [(m.name, m.source_run_id) for m in models] == [("micl_encoder", run_id)]
-        after = [m.timestamp / 1e3 - killed_at for m in epochs if m.timestamp / 1e3 > killed_at]
-        print(f"\ncluster + mlflow server up in {started:.1f} s; trainer node killed after epoch "
-              f"1; next epoch logged {min(after):.1f} s later; run finished "
-              f"{finished - killed_at:.1f} s after the kill; checks {inspected - finished:.1f} s")
+def write_config(env: Env, name: str, *, workers: int, epochs: int, size: int,
+                 **run: object) -> Path:
+    cfg = {
+        "model": {"name": "vit_tiny", "img_size": 16, "patch_size": 4, "in_chans": 3,
+                  "embed_dim": 32, "depth": 2, "num_heads": 2},
+        "data": {"source": "synthetic", "synthetic_size": size, "batch_size": 16,
+                 "map_batch_size": 16, "knn_bank_size": 64, "knn_query_size": 32,
+                 "data_cpus": 0.5, "node_labels": DATA_LABEL},
+        "method": {"name": "micl", "mask_ratio": 0.5},
+        "optim": {"blr": 1.0e-3, "epochs": epochs, "warmup_epochs": 1},
+        "run": {"name": name, "num_workers": workers, "cpus_per_worker": 0.5,
+                "worker_resources": {TRAINER_RESOURCE: 1}, "torch_threads": 1,
+                "eval_every": epochs, "system_metrics_every_s": 0,
+                # a file:// URI: the code path of s3:// and other pyarrow file systems
+                "storage_path": (env.shared / "runs").as_uri(), "tracking_uri": env.server.url,
+                **run},
+    }
+    path = env.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    load_config(path)
+    return path
+
+
+@dataclass
+class Job:
+    proc: subprocess.Popen
+    log: Path
+    submission_id: str
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait(self, timeout: float = 600) -> None:
+        assert self.proc.wait(timeout=timeout) == 0, self.text()[-4000:]
+
+    def until(self, ready, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the job ended before {what}:\n{self.text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout} s:\n{self.text()[-4000:]}")
+            time.sleep(0.2)
+
+
+def submit(env: Env, stack: ExitStack, name: str, *entrypoint: str) -> Job:
+    """`ray job submit --working-dir <checkout>` of `entrypoint`, its output to <name>.log."""
+    log = env.root / f"{name}.log"
+    sid = f"{name}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(
+        [RAY_CLI, "job", "submit", "--address", env.cluster.url, "--working-dir", str(ROOT),
+         "--submission-id", sid, "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
+         "--", *entrypoint], env=ray_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    stack.callback(lambda: proc.poll() is None and proc.kill())
+    return Job(proc, log, sid)
+
+
+def where_it_ran(env: Env, job: Job) -> tuple[set[str], dict[str, set[str]]]:
+    """(node ids of the job's training workers, {decode/mask task name: node ids})."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_tasks
+
+    job_id = JobSubmissionClient(env.cluster.url).get_job_info(job.submission_id).job_id
+    only = [("job_id", "=", job_id)]
+    actors = list_actors(address=env.cluster.url, filters=only, detail=True, limit=10000,
+                         raise_on_missing_output=False)
+    tasks = list_tasks(address=env.cluster.url, filters=only, detail=True, limit=10000,
+                       raise_on_missing_output=False)
+    mappers: dict[str, set[str]] = {}
+    for t in tasks:
+        if "_TrainMapper" in t.name or "_EvalMapper" in t.name:
+            mappers.setdefault(t.name, set()).add(t.node_id)
+    return {a.node_id for a in actors if a.class_name == "RayTrainWorker"}, mappers
+
+
+def check_data_nodes_only(env: Env, mappers: dict[str, set[str]], data: set[str]) -> None:
+    assert mappers, "no decode/mask task found"
+    elsewhere = {name: ids - data for name, ids in mappers.items() if ids - data}
+    assert not elsewhere, elsewhere
+
+
+# ----------------------------------------------------------------------------- the tests
+
+STEPS = 12  # an epoch's optimizer steps: 384 samples / 2 workers / batch 16
+EPOCHS = 2
+# Where rank 0 waits for the test: in epoch 1; in epoch 2; twice more in epoch 2 as the
+# restarted group redoes it (the first attempt never got there).
+PAUSE_DATA, PAUSE_TRAINER, PAUSE_OUTAGE, PAUSE_BACK = 3, STEPS + 2, STEPS + 4, STEPS + 6
+
+
+def ids_by_epoch(out: Path) -> dict[int, list[int]]:
+    """Every sample id each epoch trained on, over both ranks; of an epoch that a restart
+    redid, the last attempt's (its steps start again below the ones seen before)."""
+    epochs: dict[int, list[int]] = {}
+    for rank in (0, 1):
+        attempts: dict[int, list[tuple[int, list[int]]]] = {}
+        for line in (out / f"ids.{rank}").read_text().splitlines():
+            epoch, step, ids = json.loads(line)
+            steps = attempts.setdefault(epoch, [])
+            if steps and step <= steps[-1][0]:
+                steps.clear()  # a restarted group redoes this epoch
+            steps.append((step, ids))
+        for epoch, steps in attempts.items():
+            epochs.setdefault(epoch, []).extend(i for _, ids in steps for i in ids)
+    return epochs
+
+
+@pytest.mark.e2e
+def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
+    from mlflow.tracking import MlflowClient
+
+    out = env.shared / "steps"
+    lost_data = env.data[0]
+    config = write_config(env, "faults", workers=2, epochs=EPOCHS, size=STEPS * 32,
+                          max_failures=1, log_every_steps=1)
+    t: dict[str, float] = {"submitted": time.time()}
+    with ExitStack() as stack:
+        job = submit(env, stack, "faults", "python", "tests/cluster_job.py", str(out),
+                     f"{PAUSE_DATA},{PAUSE_TRAINER},{PAUSE_OUTAGE},{PAUSE_BACK}", "--",
+                     "--config", str(config))  # pipelines/pretrain.py's arguments
+
+        def pause(step: int) -> None:
+            job.until(lambda: (out / f"paused.{step}").exists(), f"the pause at step {step}")
+            t[f"step {step}"] = time.time()
+
+        def resume(step: int) -> None:
+            (out / f"resume.{step}").touch()
+
+        pause(PAUSE_DATA)  # epoch 1 is under way: a data node dies
+        env.cluster.kill(lost_data)
+        resume(PAUSE_DATA)
+        pause(PAUSE_TRAINER)  # epoch 1 is checkpointed, epoch 2 under way: a trainer node dies
+        lost_trainer = env.trainers.pop(0)
+        env.cluster.kill(lost_trainer)
+        t["trainer killed"] = time.time()
+        env.trainers += env.cluster.add([trainer("trainer-3")])
+        resume(PAUSE_TRAINER)  # for the killed group's rank 0, wherever it was
+        pause(PAUSE_OUTAGE)  # the restarted group redoes epoch 2: the tracking server stops
+        env.server.stop()
+        resume(PAUSE_OUTAGE)
+        pause(PAUSE_BACK)  # two steps' metrics later, the run has said so: it comes back
+        job.until(lambda: "Training continues" in job.text(), "the warning about the server")
+        env.server.start()
+        resume(PAUSE_BACK)
+        job.wait()
+        t["finished"] = time.time()
+        workers, mappers = where_it_ran(env, job)
+
+    # Every epoch trained on every sample exactly once: the one that lost a data node and the
+    # one the restarted group redid while the tracking server was away.
+    epochs = ids_by_epoch(out)
+    assert sorted(epochs) == list(range(EPOCHS))
+    for epoch, ids in epochs.items():
+        assert sorted(ids) == list(range(STEPS * 32)), (epoch, len(ids), len(set(ids)))
+    # Where it ran: workers on trainer nodes (both of the first group, then the survivor and
+    # the spare), every decode/mask task on a data node (the lost one included).
+    assert workers == env.node_ids([lost_trainer, *env.trainers]), workers
+    check_data_nodes_only(env, mappers, env.node_ids([lost_data, *env.data]))
+    env.data.remove(lost_data)
+
+    client = MlflowClient(env.server.url)
+    [run] = client.search_runs([client.get_experiment_by_name("micl-pretrain").experiment_id],
+                               "tags.`micl.run_name` = 'faults'")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["restarts"] == 1 and run.data.metrics["epoch"] == EPOCHS
+    losses = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, EPOCHS + 1))  # none logged twice
+    assert sorted(m.step for m in client.get_metric_history(run_id, "knn_top1")) == [0, EPOCHS]
+    # Every step's metrics, those logged while the server was away included.
+    steps = {m.step for m in client.get_metric_history(run_id, "step/loss")}
+    assert steps == set(range(1, EPOCHS * STEPS + 1)), set(range(1, EPOCHS * STEPS + 1)) - steps
+    log = job.text()
+    assert "[micl] restart 1: resuming from epoch 1" in log, log[-4000:]
+    assert log.count("Training continues") == 1 and log.count("answers again") == 1, log[-4000:]
+    assert "== micl pre-training finished ==" in log
+    assert {a.path for a in client.list_artifacts(run_id, "encoder")} == \
+        {"encoder/encoder_timm.pth", "encoder/timm_model.json"}
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    assert [m.name for m in models] == ["micl_encoder"]
+    # What was uploaded: the code, not the virtualenv, the git history or local runs.
+    unpacked = env.cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+    [package] = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
+    shipped = {p.name for p in package.iterdir()}
+    assert {"micl", "pipelines", "pyproject.toml"} <= shipped
+    assert not shipped & {".venv", ".git", "runs", "mlartifacts", "mlflow.db"}, shipped
+    next_epoch = min(m.timestamp / 1e3 for m in losses if m.step == EPOCHS)
+    print(f"\ncluster + mlflow server up in {env.started_s:.1f} s; job submitted -> step "
+          f"{PAUSE_DATA}: {t[f'step {PAUSE_DATA}'] - t['submitted']:.1f} s; trainer node killed "
+          f"-> restarted group at step {PAUSE_OUTAGE}: "
+          f"{t[f'step {PAUSE_OUTAGE}'] - t['trainer killed']:.1f} s; killed -> epoch "
+          f"{EPOCHS} logged: {next_epoch - t['trainer killed']:.1f} s (with the outage); killed "
+          f"-> job done: {t['finished'] - t['trainer killed']:.1f} s")
+
+
+@pytest.mark.e2e
+def test_a_search_runs_its_trials_side_by_side_on_the_trainer_nodes(env):
+    from mlflow.tracking import MlflowClient
+
+    space = env.root / "space.yaml"
+    space.write_text("params:\n  method.mask_ratio: {grid: [0.25, 0.5]}\nscheduler: fifo\n")
+    config = write_config(env, "search", workers=1, epochs=1, size=128,
+                          experiment="micl-cluster-search")
+    with ExitStack() as stack:
+        job = submit(env, stack, "search", "python", "pipelines/tune.py", "--space",
+                     str(space), "--config", str(config), "--name", "cluster-search",
+                     "--out", str(env.root / "compare"))
+        job.wait()
+        workers, mappers = where_it_ran(env, job)
+    assert workers == env.node_ids(env.trainers), workers  # one trial on each
+    check_data_nodes_only(env, mappers, env.node_ids(env.data))
+    client = MlflowClient(env.server.url)
+    exp = client.get_experiment_by_name("micl-cluster-search")
+    [parent] = client.search_runs([exp.experiment_id], "tags.`micl.role` = 'search'")
+    trials = client.search_runs([exp.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(float(t.data.params["method.mask_ratio"]) for t in trials) == [0.25, 0.5]
+    assert all(t.info.status == "FINISHED" and "knn_top1" in t.data.metrics for t in trials)
+    first, second = sorted(trials, key=lambda t: t.info.start_time)
+    assert second.info.start_time < first.info.end_time  # side by side, not one after another
