@@ -249,7 +249,11 @@ def relay_console(relay_name: str, every_s: float = 1.0) -> Console:
 
 def relay_warnings(console: Console) -> None:
     """Show this worker process's warnings on the driver's console, one line each (with Ray's
-    channel shut they would reach only the log file)."""
+    channel shut they would reach only the log file). Best effort for library warnings: Ray
+    Data's batch threads wrap each tensor conversion in `warnings.catch_warnings()` +
+    "ignore", which is process-wide and not thread-safe, so a warning raised meanwhile (or
+    after two such blocks interleave) is dropped. micl's own warnings in a worker (the
+    tracking store's) go to the console directly for that reason."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         console.line(f"[micl] warning: {message}")
 
