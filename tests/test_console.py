@@ -136,8 +136,8 @@ def test_demo_console_and_mlflow_run(tmp_path):
     assert proc.returncode == 0, "\n".join(lines)
     assert len(lines) == len(set(lines)), "a line printed twice:\n" + "\n".join(lines)
     assert not [line for line in lines if any(s in line for s in INTERNALS)], "\n".join(lines)
-    progress = [line for line in lines if re.match(r"\[micl\] epoch \d/2 +\d+% \d+/40 steps "
-                                                   r" loss \S+  \d+ img/s  \d+s left$", line)]
+    line_format = r"\[micl\] epoch \d/2 +\d+% \d+/40 steps  loss \S+  \d+ img/s  (\d+m)?\d+s left$"
+    progress = [line for line in lines if re.match(line_format, line)]
     assert progress, "no progress line:\n" + "\n".join(lines)
     assert [line.split(":")[0] for line in lines if re.match(r"\[micl\] epoch \d/2:", line)] == \
         ["[micl] epoch 1/2", "[micl] epoch 2/2"]

@@ -340,8 +340,8 @@ def where_it_ran(env: Env, job: Job) -> tuple[set[str], dict[str, set[str]]]:
     tasks = list_tasks(address=env.cluster.url, filters=only, detail=True, limit=10000,
                        raise_on_missing_output=False)
     mappers: dict[str, set[str]] = {}
-    for t in tasks:
-        if "_TrainMapper" in t.name or "_EvalMapper" in t.name:
+    for t in tasks:  # (a task the stream no longer needed when it ended never ran: no node)
+        if ("_TrainMapper" in t.name or "_EvalMapper" in t.name) and t.node_id is not None:
             mappers.setdefault(t.name, set()).add(t.node_id)
     return {a.node_id for a in actors if a.class_name == "RayTrainWorker"}, mappers
 
