@@ -91,7 +91,8 @@ class SimulatedCluster:
         self._wait(lambda: _http_ok(f"{self.url}/api/jobs/"), self.head)
 
     def _start(self, name: str, args: list[str]) -> Node:
-        log = self.root / f"ray-{name}.log"
+        tries = sum(n.name == name for n in self.nodes)  # a retried node keeps both logs
+        log = self.root / (f"ray-{name}.log" if not tries else f"ray-{name}-retry{tries}.log")
         proc = subprocess.Popen([RAY_CLI, "start", "--block", "--disable-usage-stats",
                                  "--object-store-memory", str(200 * 2**20), "--num-gpus", "0",
                                  *args], env=node_env(), stdout=log.open("w"),
@@ -122,9 +123,10 @@ class SimulatedCluster:
                           "--dashboard-agent-listen-port", str(agent)]
         nodes = [self._start_alone(name, args[name]) for name in args]
         for i, node in enumerate(nodes):
-            try:
-                self._wait(lambda n=node: self.node_id(n.name) is not None, node)
+            try:  # healthy nodes register in 3-15 s here, 60 s on a machine busy with a run
+                self._wait(lambda n=node: self.node_id(n.name) is not None, node, timeout=90)
             except RuntimeError:
+                self.kill(node)  # what is left of the first try must not join later
                 node = nodes[i] = self._start_alone(node.name, args[node.name])
                 self._wait(lambda n=node: self.node_id(n.name) is not None, node)
             node.node_id = self.node_id(node.name)
