@@ -197,19 +197,24 @@ def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | N
                     mlflow_run_id=mlflow_run_id, hooks=tuple(hooks), console_name=console_name)
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one training worker requests: its CPUs, its GPU share, run.worker_resources."""
+    resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.worker_resources}
+    if cfg.run.use_gpu:
+        resources["GPU"] = cfg.run.gpus_per_worker
+    return resources
+
+
 def torch_trainer(loop: Callable[[Any], None], loop_config: Any, cfg: Config, run_name: str,
                   datasets: dict[str, ray.data.Dataset], datasets_to_split: list[str],
                   callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention."""
-    resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.worker_resources}
-    if cfg.run.use_gpu:
-        resources["GPU"] = cfg.run.gpus_per_worker
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-            resources_per_worker=resources),
+            resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=cfg.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),

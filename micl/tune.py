@@ -21,7 +21,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from micl.artifacts import latest_checkpoint_on_storage
 from micl.config import Config, from_dict, to_yaml
-from micl.driver import build_trainer, check, connect_ray, evaluate_run, fit_tracked, resolve
+from micl.driver import (
+    build_trainer,
+    check,
+    connect_ray,
+    evaluate_run,
+    fit_tracked,
+    resolve,
+    worker_resources,
+)
 from micl.tracking import (
     ROLE_TAG,
     RunLogger,
@@ -56,11 +64,9 @@ def concurrent_trials(cfg: Config, space: SearchSpace,
     res = ray.cluster_resources() if resources is None else resources
     per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + max(cfg.data.data_cpus, 1)
     fits = int(res.get("CPU", 1) // per_trial_cpu)
-    if cfg.run.use_gpu:
-        per_trial_gpu = max(cfg.run.num_workers, 1) * cfg.run.gpus_per_worker
-        fits = min(fits, int(res.get("GPU", 0) // per_trial_gpu))
-    for name, amount in cfg.run.worker_resources.items():
-        fits = min(fits, int(res.get(name, 0) // (max(cfg.run.num_workers, 1) * amount)))
+    for name, amount in worker_resources(cfg).items():  # GPUs and custom resources
+        if name != "CPU":
+            fits = min(fits, int(res.get(name, 0) // (max(cfg.run.num_workers, 1) * amount)))
     return max(1, min(fits, space.num_trials()))
 
 

@@ -330,38 +330,36 @@ def submit(env: Env, stack: ExitStack, name: str, *entrypoint: str) -> Job:
     return Job(proc, log, sid)
 
 
+def job_state(env: Env, job: Job, lister, *filters: tuple[str, str, str]) -> list:
+    """What the state API's `lister` (list_actors, list_tasks) holds of the job."""
+    from ray.job_submission import JobSubmissionClient
+
+    job_id = JobSubmissionClient(env.cluster.url).get_job_info(job.submission_id).job_id
+    return lister(address=env.cluster.url, filters=[("job_id", "=", job_id), *filters],
+                  detail=True, limit=10000, raise_on_missing_output=False)
+
+
 def where_it_ran(env: Env, job: Job) -> tuple[set[str], dict[str, set[str]]]:
     """(node ids of the job's training workers, {decode/mask task name: node ids})."""
-    from ray.job_submission import JobSubmissionClient
-    from ray.util.state import list_actors, list_tasks
+    from ray.util.state import list_tasks
 
-    job_id = JobSubmissionClient(env.cluster.url).get_job_info(job.submission_id).job_id
-    only = [("job_id", "=", job_id)]
-    actors = list_actors(address=env.cluster.url, filters=only, detail=True, limit=10000,
-                         raise_on_missing_output=False)
-    tasks = list_tasks(address=env.cluster.url, filters=only, detail=True, limit=10000,
-                       raise_on_missing_output=False)
     mappers: dict[str, set[str]] = {}
-    for t in tasks:  # (a task the stream no longer needed when it ended never ran: no node)
+    for t in job_state(env, job, list_tasks):  # (a task the stream no longer needed: no node)
         if ("_TrainMapper" in t.name or "_EvalMapper" in t.name) and t.node_id is not None:
             mappers.setdefault(t.name, set()).add(t.node_id)
-    return {a.node_id for a in actors if a.class_name == "RayTrainWorker"}, mappers
+    return live_workers(env, job, alive_only=False), mappers
 
 
-def live_workers(env: Env, job: Job) -> set[str]:
-    """Node ids of the job's training workers alive now."""
-    from ray.job_submission import JobSubmissionClient
+def live_workers(env: Env, job: Job, alive_only: bool = True) -> set[str]:
+    """Node ids of the job's training workers (alive now, or ever)."""
     from ray.util.state import list_actors
 
-    job_id = JobSubmissionClient(env.cluster.url).get_job_info(job.submission_id).job_id
-    actors = list_actors(address=env.cluster.url, detail=True, limit=10000,
-                         filters=[("job_id", "=", job_id), ("state", "=", "ALIVE"),
-                                  ("class_name", "=", "RayTrainWorker")],
-                         raise_on_missing_output=False)
-    return {a.node_id for a in actors}
+    alive = [("state", "=", "ALIVE")] if alive_only else []
+    return {a.node_id for a in job_state(env, job, list_actors,
+                                         ("class_name", "=", "RayTrainWorker"), *alive)}
 
 
-def check_data_nodes_only(env: Env, mappers: dict[str, set[str]], data: set[str]) -> None:
+def check_data_nodes_only(mappers: dict[str, set[str]], data: set[str]) -> None:
     assert mappers, "no decode/mask task found"
     elsewhere = {name: ids - data for name, ids in mappers.items() if ids - data}
     assert not elsewhere, elsewhere
@@ -445,7 +443,7 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
     # the spare), every decode/mask task on a data node (the lost one included).
     assert len(first_group) == 2 and workers == env.node_ids([lost_trainer, *env.trainers]), \
         (first_group, workers)
-    check_data_nodes_only(env, mappers, env.node_ids([lost_data, *env.data]))
+    check_data_nodes_only(mappers, env.node_ids([lost_data, *env.data]))
     env.data.remove(lost_data)
 
     client = MlflowClient(env.server.url)
@@ -500,7 +498,7 @@ def test_a_search_runs_its_trials_side_by_side_on_the_trainer_nodes(env):
         workers, mappers = where_it_ran(env, job)
     # one trial on each of two trainer nodes (whichever two are up)
     assert len(workers) == 2 and workers <= env.node_ids(env.trainers), workers
-    check_data_nodes_only(env, mappers, env.node_ids(env.data))
+    check_data_nodes_only(mappers, env.node_ids(env.data))
     client = MlflowClient(env.server.url)
     exp = client.get_experiment_by_name("micl-cluster-search")
     [parent] = client.search_runs([exp.experiment_id], "tags.`micl.role` = 'search'")
