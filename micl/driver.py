@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from micl.evaluate import extract_features, knn_top1, linear_probe
 from micl.models.export import encoder_from_timm, timm_state_dict
 from micl.tracking import RunLogger, open_run
 from micl.tracking import tracking_uri as default_tracking_uri
-from micl.train import LoopSpec, LoopStarts, StepHook, train_loop_per_worker
+from micl.train import LoopSpec, StepHook, train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 _ACTORS: dict[str, list[Any]] = {}  # run name -> the actors of its current fit (kept alive)
@@ -158,20 +159,24 @@ def knn_sets(cfg: Config, cache: bool = True) -> dict[str, ray.data.Dataset]:
                       limit=cfg.data.knn_bank_size or cfg.data.limit_train)
     query = load_split(cfg, cfg.data.val_split, limit=cfg.data.knn_query_size)
     sets = {"knn_bank": eval_stream(bank, cfg), "knn_query": eval_stream(query, cfg)}
-    return {k: v.materialize() for k, v in sets.items()} if cache else sets
+    if not cache:
+        return sets
+    # Side by side: each materialize spends most of its time starting an executor and
+    # waiting on it, not decoding, so two at once take little longer than one.
+    with ThreadPoolExecutor(len(sets)) as pool:
+        return dict(zip(sets, pool.map(ray.data.Dataset.materialize, sets.values()),
+                        strict=True))
 
 
-def fit_actors(run_name: str) -> tuple[str, str]:
-    """A fresh epoch clock and start counter for one fit, held here until the next fit of the
-    same run (an actor whose handles are all dropped is destroyed)."""
-    suffix = f"{run_name}-{uuid.uuid4().hex[:8]}"
-    clock_name, starts_name = f"micl-clock-{suffix}", f"micl-starts-{suffix}"
+def fit_clock(run_name: str) -> str:
+    """A fresh epoch clock for one fit, held here until the next fit of the same run (an actor
+    whose handles are all dropped is destroyed); returns its name."""
+    name = f"micl-clock-{run_name}-{uuid.uuid4().hex[:8]}"
     for old in _ACTORS.pop(run_name, []):
         ray.kill(old)
     _ACTORS[run_name] = [
-        EpochClock.options(name=clock_name, namespace=NAMESPACE, **on_this_node()).remote(),
-        LoopStarts.options(name=starts_name, namespace=NAMESPACE, **on_this_node()).remote()]
-    return clock_name, starts_name
+        EpochClock.options(name=name, namespace=NAMESPACE, **on_this_node()).remote()]
+    return name
 
 
 def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
@@ -190,10 +195,9 @@ def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
 def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | None,
               hooks: Sequence[StepHook] = (), console_name: str | None = None) -> LoopSpec:
     """What every worker of a fit gets, with a fresh epoch clock and start counter."""
-    clock_name, starts_name = fit_actors(run_name)
     return LoopSpec(config=cfg.to_dict(), num_train=num_train,
                     run_dir=f"{cfg.run.storage_path.rstrip('/')}/{run_name}",
-                    clock_name=clock_name, starts_name=starts_name,
+                    clock_name=fit_clock(run_name),
                     mlflow_run_id=mlflow_run_id, hooks=tuple(hooks), console_name=console_name)
 
 

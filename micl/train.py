@@ -44,7 +44,7 @@ from micl.console import (
     silent_console,
 )
 from micl.data.sources import DataError
-from micl.data.stream import NAMESPACE, epoch_clock
+from micl.data.stream import epoch_clock
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
 from micl.objectives import Objective, build_objective, import_plugins
@@ -76,24 +76,10 @@ class LoopSpec:
     config: dict[str, Any]  # Config.to_dict(), with run.tracking_uri and storage resolved
     num_train: int  # training samples (files) in the split, before undecodable ones
     run_dir: str  # this Ray Train run's directory on storage (local path or pyarrow URI)
-    clock_name: str  # the EpochClock actor of this fit (data.stream)
-    starts_name: str  # the LoopStarts actor of this fit (counts restarts)
+    clock_name: str  # the EpochClock actor of this fit (data.stream; also counts restarts)
     mlflow_run_id: str | None = None  # None: no tracking store
     hooks: Sequence[StepHook] = ()  # called after every optimizer step, on every worker
     console_name: str | None = None  # the driver's ConsoleRelay (None: rank 0 prints)
-
-
-@ray.remote(num_cpus=0)
-class LoopStarts:
-    """How many times one fit has started its training loop (the driver holds it, so it
-    outlives failed worker groups): 0 for the first start, >= 1 after a restart."""
-
-    def __init__(self) -> None:
-        self.starts = 0
-
-    def count(self) -> int:
-        self.starts += 1
-        return self.starts - 1
 
 
 @dataclass
@@ -251,8 +237,7 @@ def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, spec: LoopSpec, w: Worker
            ) -> TrainState:
     """Restore model, optimizer, counters and RNG from the fit's latest checkpoint, if any."""
-    counter = ray.get_actor(spec.starts_name, namespace=NAMESPACE) if w.rank == 0 else None
-    restarts = [ray.get(counter.count.remote()) if counter else 0]
+    restarts = [ray.get(epoch_clock(spec.clock_name).count_start.remote()) if w.rank == 0 else 0]
     if w.world > 1:
         dist.broadcast_object_list(restarts, src=0)
     state = TrainState(restarts=restarts[0])

@@ -71,11 +71,15 @@ _CROP_RATIO = (3 / 4, 4 / 3)
 
 @ray.remote(num_cpus=0)
 class EpochClock:
-    """Holds the current epoch for the map tasks of a re-executed training stream, and counts
-    the undecodable files they skip per epoch (exact, unlike a column that the trainer's
-    drop_last or an equal split may cut off)."""
+    """A fit's bookkeeping, held by the driver so it outlives failed worker groups: the
+    current epoch for the map tasks of a re-executed training stream, the undecodable files
+    they skip per epoch (exact, unlike a column that the trainer's drop_last or an equal split
+    may cut off), and how many times the training loop has started (restarts). One actor, in
+    this light module: every actor is a process of its own, which starts by importing the
+    module that defines its class."""
 
     def __init__(self) -> None:
+        self._starts = 0
         self._epoch = 0
         self._skipped: dict[int, int] = {}
         self._attempt: dict[int, int] = {}  # epoch -> the loop start that counted it
@@ -92,6 +96,11 @@ class EpochClock:
 
     def get(self) -> int:
         return self._epoch
+
+    def count_start(self) -> int:
+        """Rank 0 calls this as the loop starts: 0 the first time, >= 1 after a restart."""
+        self._starts += 1
+        return self._starts - 1
 
     def add_skipped(self, epoch: int, count: int, paths: list[str]) -> None:
         self._skipped[epoch] = self._skipped.get(epoch, 0) + count
