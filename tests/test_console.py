@@ -2,8 +2,9 @@
 data error in a worker as one line) and the run as MLflow 3 shows it (training view, source,
 dataset input, per-step and system metrics, the encoder as a logged model).
 
-The two end-to-end tests run `pipelines/pretrain.py` as the user does, in a process of its own
-with its own Ray (stdout a pipe, as under `ray job submit` or in CI)."""
+The demo test runs `pipelines/pretrain.py` as the user does, in a process of its own with its
+own Ray (stdout a pipe, as under `ray job submit` or in CI); the data-error test calls the same
+`main()` in this process, on the session's Ray, to spare a second Ray start."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from micl.console import (
     progress_line,
 )
 from micl.tracking import use_tracking_uri
+from pipelines.pretrain import main as pretrain_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,9 +109,8 @@ def test_relay_keeps_lines_in_order_and_only_the_newest_progress(ray_local):
 # ----------------------------------------------------------------------------- end to end
 
 
-def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """pipelines/pretrain.py on tiny synthetic data with one Ray Train worker, as a user runs
-    it: its own process and Ray, output to a pipe."""
+def cli_args(tmp_path: Path, *overrides: str) -> list[str]:
+    """pipelines/pretrain.py's arguments for tiny synthetic data and one Ray Train worker."""
     args = ["data.source=synthetic", "data.synthetic_size=640", "data.batch_size=16",
             "data.map_batch_size=64", "data.knn_bank_size=64", "data.knn_query_size=32",
             "data.data_cpus=0.5", *MODEL, "method.mask_ratio=0.5", "optim.epochs=2",
@@ -119,9 +120,13 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
             "run.system_metrics_every_s=0.5", "run.name=demo", "run.register_model=demo-encoder",
             f"run.storage_path={tmp_path / 'runs'}",
             f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides]
-    command = [sys.executable, str(ROOT / "pipelines" / "pretrain.py")]
-    for a in args:
-        command += ["--set", a]
+    return [a for o in args for a in ("--set", o)]
+
+
+def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """pipelines/pretrain.py as a user runs it: its own process and Ray, output to a pipe."""
+    command = [sys.executable, str(ROOT / "pipelines" / "pretrain.py"),
+               *cli_args(tmp_path, *overrides)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
@@ -181,13 +186,17 @@ def check_native_mlflow_run(tmp_path: Path, checkpoint: str) -> None:
 
 
 @pytest.mark.e2e
-def test_a_data_error_in_a_worker_is_one_line_naming_the_files(tmp_path):
+def test_a_data_error_in_a_worker_is_one_line_naming_the_files(ray_local, tmp_path, capfd):
+    """The same entry point in this process, on the session's Ray (which, like the one
+    pipelines/pretrain.py starts, keeps the workers' own output off the console): the error
+    is found by a Ray Data task and raised in the Ray Train worker."""
     info = make_image_folder(tmp_path / "data", n_per_class=12, size=20, split="train")
     make_image_folder(tmp_path / "data", n_per_class=4, size=20, split="val", bad_files=False)
-    proc = run_cli(tmp_path, "data.source=imagefolder", f"data.path={info['root']}",
-                   "data.max_bad_fraction=0.01", "optim.epochs=1")
-    lines = console_lines(proc)
-    assert proc.returncode == 1, "\n".join(lines)
+    code = pretrain_cli(cli_args(tmp_path, "data.source=imagefolder", f"data.path={info['root']}",
+                                 "data.max_bad_fraction=0.01", "optim.epochs=1"))
+    out = capfd.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.strip()]
+    assert code == 1, "\n".join(lines)
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "data.max_bad_fraction" in errors[0], "\n".join(lines)
     assert any(Path(bad).name in errors[0] for bad in info["bad"])

@@ -101,8 +101,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_with_a_usable_checkpoint(ray_local, tmp_path):
-    # A temperature this small overflows the logits to inf on the first step.
-    cfg = synthetic(tmp_path, "method.temperature=1e-45", "run.name=nan", "run.num_workers=1")
+    # A temperature this small overflows the logits to inf on the first step. Local mode
+    # (run.num_workers = 0): the stop is the loop's; how a worker's error reaches the driver
+    # is test_a_data_error_in_a_worker_is_one_line_naming_the_files's.
+    cfg = synthetic(tmp_path, "method.temperature=1e-45", "run.name=nan", "run.num_workers=0")
     with pytest.raises(PretrainError, match="non-finite"):
         run_pretraining(cfg)
     states = sorted((tmp_path / "runs" / "nan").glob(f"checkpoint_*/{STATE_FILE}"))
