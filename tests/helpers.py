@@ -1,9 +1,13 @@
-"""Test data that others reuse: a real ImageFolder tree with good and bad files."""
+"""What several test modules reuse: a real ImageFolder tree with good and bad files, fault
+injection hooks, a loopback gate that cuts a server off."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import socket
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,3 +88,58 @@ class RecordSteps:
     def __call__(self, info) -> None:
         with open(f"{self.path}.{info.rank}", "a") as f:
             f.write(f"{info.epoch} {info.step}\n")
+
+
+class LoopbackGate:
+    """A TCP relay on a loopback port in front of a real server: `close()` refuses new
+    connections and cuts the open ones, as the server's process stopping would; `open()`
+    listens again on the same port. One server start serves a whole outage."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the blocked accept(); close alone
+                self._listener.shutdown(socket.SHUT_RDWR)  # would leave it listening
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

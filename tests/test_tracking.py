@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import LoopbackGate
 from mlflow.tracking import MlflowClient
 from test_cluster import free_ports
 from test_multinode import mlflow_server
@@ -49,26 +50,33 @@ def test_a_store_failing_mid_run_is_warned_about_once(tmp_path):
 
 @pytest.mark.e2e
 def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(tmp_path):
-    """A real `mlflow server` stops mid-run and comes back on the same port: training is told
-    once when it goes and once when it is back, and no metric value is lost. The first tags
-    call after the return gets through although the metrics' retry is not yet due: tags,
-    artifacts and models are always tried (the encoder at a run's end must not wait)."""
+    """A real `mlflow server` becomes unreachable mid-run and comes back on the same address:
+    training is told once when it goes and once when it is back, and no metric value is lost.
+    The first tags call after the return gets through although the metrics' retry is not yet
+    due: tags, artifacts and models are always tried (the encoder at a run's end must not
+    wait). The server stays up behind a loopback gate that cuts it off (one start instead of
+    two); tests/test_multinode.py stops and restarts the server process itself."""
     port = free_ports(1)[0]
-    with mlflow_server(tmp_path, tmp_path / "artifacts", port) as url:
+    gate = LoopbackGate(port)
+    with mlflow_server(tmp_path, tmp_path / "artifacts", port):
+        gate.open()
+        url = f"http://127.0.0.1:{gate.port}"
         client = MlflowClient(url)
         run_id = client.create_run(client.create_experiment("outage")).info.run_id
         logger = RunLogger(url, run_id, retry_s=600)
         logger.metrics({"loss": 4.0}, step=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        logger.metrics({"loss": 3.0}, step=2)  # the server is gone
-        logger.metrics({"loss": 2.0}, step=3)
-        logger.tags({"note": "during the outage"})
-        with mlflow_server(tmp_path, tmp_path / "artifacts", port):
+        gate.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logger.metrics({"loss": 3.0}, step=2)  # the server is out of reach
+            logger.metrics({"loss": 2.0}, step=3)
+            logger.tags({"note": "during the outage"})
+            gate.open()
             logger.tags({"note": "back"})  # any call that gets through sends the kept values
             history = MlflowClient(url).get_metric_history(run_id, "loss")
             logger.metrics({"loss": 1.0}, step=4)
             history += MlflowClient(url).get_metric_history(run_id, "loss")[3:]
+        gate.close()
     messages = [str(w.message) for w in caught if "MLflow" in str(w.message)]
     assert len(messages) == 2, messages
     assert "Training continues" in messages[0]
