@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,13 +158,7 @@ def knn_sets(cfg: Config, cache: bool = True) -> dict[str, ray.data.Dataset]:
                       limit=cfg.data.knn_bank_size or cfg.data.limit_train)
     query = load_split(cfg, cfg.data.val_split, limit=cfg.data.knn_query_size)
     sets = {"knn_bank": eval_stream(bank, cfg), "knn_query": eval_stream(query, cfg)}
-    if not cache:
-        return sets
-    # Side by side: each materialize spends most of its time starting an executor and
-    # waiting on it, not decoding, so two at once take little longer than one.
-    with ThreadPoolExecutor(len(sets)) as pool:
-        return dict(zip(sets, pool.map(ray.data.Dataset.materialize, sets.values()),
-                        strict=True))
+    return {k: v.materialize() for k, v in sets.items()} if cache else sets
 
 
 def fit_clock(run_name: str) -> str:

@@ -54,9 +54,9 @@ NAMESPACE = "micl"
 
 
 def on_this_node() -> dict[str, Any]:
-    """Actor options that keep a driver's helper actor (the epoch clock, the restart counter,
-    the console relay) on the driver's own node. Unpinned, a 0-CPU actor may land on any node,
-    and losing a training node would then take the run's bookkeeping with it."""
+    """Actor options that keep a driver's helper actor (the epoch clock, which also counts
+    restarts; the console relay) on the driver's own node. Unpinned, a 0-CPU actor may land
+    on any node, and losing a training node would then take the run's bookkeeping with it."""
     node = ray.get_runtime_context().get_node_id()
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
