@@ -79,17 +79,6 @@ class KillOnce:
         os._exit(1)
 
 
-class RecordSteps:
-    """A step hook that appends `epoch step` lines per rank to a file (what the loop did)."""
-
-    def __init__(self, path: str | pathlib.Path) -> None:
-        self.path = str(path)
-
-    def __call__(self, info) -> None:
-        with open(f"{self.path}.{info.rank}", "a") as f:
-            f.write(f"{info.epoch} {info.step}\n")
-
-
 class LoopbackGate:
     """A TCP relay on a loopback port in front of a real server: `close()` refuses new
     connections and cuts the open ones, as the server's process stopping would; `open()`
