@@ -1,11 +1,13 @@
 import os
 import pathlib
+import sys
 
 import pytest
 import ray
-from test_objectives import tiny_config
+from test_objectives import METHOD_ARGS, tiny_config
 
 from micl.driver import run_pretraining
+from micl.objectives import OBJECTIVES
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,3 +37,15 @@ def micl_run(ray_local, pretrain_store):
     workers ran it (tests/test_pipeline.py and test_reliability.py fit MiCL with workers)."""
     cfg = tiny_config(pretrain_store, "micl", "run.name=micl-teacher", "run.num_workers=0")
     return cfg, run_pretraining(cfg)
+
+
+@pytest.fixture
+def toy_registered():
+    """tests/toy_method.py registers its method on import (driver and workers, via
+    run.import_modules); take it out of this process's registry afterwards so other tests
+    see the built-ins only."""
+    METHOD_ARGS["toy_views"] = []
+    yield
+    OBJECTIVES.pop("toy_views", None)
+    METHOD_ARGS.pop("toy_views")
+    sys.modules.pop("toy_method", None)

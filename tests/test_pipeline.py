@@ -88,12 +88,14 @@ def write_bad_and_odd_images(root: Path) -> tuple[int, int]:
     return 4, 1
 
 
-def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
+def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path, toy_registered):
     """Parquet shards through a file:// URI (any pyarrow filesystem URI goes the same way),
     trained one epoch in local mode (run.num_workers = 0: the loop persists its checkpoint to
     the run directory), then resumed to two with the same run name by a Ray Train worker, next
     to a newer checkpoint directory that a crash cut short: the resume takes the newest
-    complete checkpoint on storage, which Ray Train itself never registered."""
+    complete checkpoint on storage, which Ray Train itself never registered. The method is
+    one defined outside micl (tests/toy_method.py, one class and its Args), which the worker
+    imports through run.import_modules, as a user's own method would be."""
     info = make_image_folder(tmp_path / "folder", n_per_class=12, size=40, split="train")
     make_image_folder(tmp_path / "folder", n_per_class=4, size=40, split="val", bad_files=False)
     write_parquet_shards(info["root"], str(tmp_path / "shards"), size=24, rows_per_shard=10,
@@ -102,6 +104,8 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
     def cfg(epochs: int, workers: int):
         return tiny_config(tmp_path, "data.source=parquet",
                            f"data.path={(tmp_path / 'shards').as_uri()}", "run.name=resumable",
+                           "method.name=toy_views", "run.import_modules=[toy_method]",
+                           "method.logit_scale=5",
                            f"run.num_workers={workers}", f"optim.epochs={epochs}",
                            "optim.warmup_epochs=0")
 
@@ -122,6 +126,12 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path):
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {state["step"]}
     client = check_mlflow_run(second, cfg(2, 1), epochs=2)  # no epoch logged twice
     check_checkpoint_loads(second, cfg(2, 1), client)
+    run = client.get_run(second.mlflow_run_id)
+    assert run.data.params["method.name"] == "toy_views"
+    assert run.data.params["method.logit_scale"] == "5.0" and "loss_toy" in run.data.metrics
+    # The method's after_step ran once per optimizer step, in both fits: its step counter is
+    # a buffer, checkpointed and resumed with the model.
+    assert int(state["model"]["steps_seen"]) == state["step"]
 
 
 def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
