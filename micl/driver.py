@@ -187,7 +187,7 @@ def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
 
 def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | None,
               hooks: Sequence[StepHook] = (), console_name: str | None = None) -> LoopSpec:
-    """What every worker of a fit gets, with a fresh epoch clock and start counter."""
+    """What every worker of a fit gets, with a fresh epoch clock (which also counts restarts)."""
     return LoopSpec(config=cfg.to_dict(), num_train=num_train,
                     run_dir=f"{cfg.run.storage_path.rstrip('/')}/{run_name}",
                     clock_name=fit_clock(run_name),
