@@ -6,14 +6,15 @@ for the shared file system. Each node is a `ray start --block` process of its ow
 counts exceed the two physical cores, so models and data are tiny. One cluster serves the
 module; every run reaches it through `ray job submit --working-dir`, as a user's would.
 
-- `pipelines/pretrain.py`, submitted with its working directory, meets three failures one
-  after another (tests/cluster_job.py runs it with a hook that holds rank 0 at known steps, so
-  that each comes at a known point): a data node is killed mid-epoch (the epoch must still
-  train on every sample exactly once), a trainer node running a worker is killed whole in
-  epoch 2 (the worker group restarts on the survivor and the spare trainer node from the
-  shared checkpoint: restarts = 1, no epoch logged twice), and the MLflow server stops and
-  comes back while the restarted group redoes epoch 2 (one warning each way; every metric
-  value arrives). The upload holds the code, not the virtualenv or local runs.
+- `pipelines/pretrain.py`, submitted with its working directory (2 workers on an ImageFolder
+  with bad files, global negatives, gradient accumulation, one kept checkpoint), meets three
+  failures one after another (tests/cluster_job.py runs it with a hook that holds rank 0 at
+  known steps, so that each comes at a known point): a data node is killed mid-epoch (the epoch
+  must still train on every sample exactly once), a trainer node running a worker is killed
+  whole in epoch 2 (the worker group restarts on the survivor and the spare trainer node from
+  the shared checkpoint: restarts = 1, no epoch logged twice), and the MLflow server stops and
+  comes back while the restarted group redoes epoch 2 (one warning each way; every metric value
+  arrives). The upload holds the code, not the virtualenv or local runs.
 - A Tune search runs its two trials side by side, one on each trainer node, nested under their
   parent run on the server.
 
