@@ -39,11 +39,9 @@ from micl.console import (
 )
 from micl.data.sources import check_source, data_location, load_split, split_size
 from micl.data.stream import (
-    NAMESPACE,
-    EpochClock,
+    epoch_clock,
     eval_stream,
     keep_label_subset,
-    on_this_node,
     subset_suffix,
     train_stream,
 )
@@ -54,7 +52,7 @@ from micl.tracking import tracking_uri as default_tracking_uri
 from micl.train import LoopSpec, StepHook, train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-_ACTORS: dict[str, list[Any]] = {}  # run name -> the actors of its current fit (kept alive)
+_CLOCKS: dict[str, Any] = {}  # run name -> the epoch clock of its current fit (kept alive)
 
 
 class PretrainError(RuntimeError):
@@ -165,10 +163,9 @@ def fit_clock(run_name: str) -> str:
     """A fresh epoch clock for one fit, held here until the next fit of the same run (an actor
     whose handles are all dropped is destroyed); returns its name."""
     name = f"micl-clock-{run_name}-{uuid.uuid4().hex[:8]}"
-    for old in _ACTORS.pop(run_name, []):
-        ray.kill(old)
-    _ACTORS[run_name] = [
-        EpochClock.options(name=name, namespace=NAMESPACE, **on_this_node()).remote()]
+    if run_name in _CLOCKS:
+        ray.kill(_CLOCKS.pop(run_name))
+    _CLOCKS[run_name] = epoch_clock(name)
     return name
 
 

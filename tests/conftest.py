@@ -34,7 +34,8 @@ def micl_run(ray_local, pretrain_store):
     """(config, result) of one MiCL run of the pipeline, shared by the tests that inspect a
     pre-training run: the MimCo teacher, the evaluated run, the fine-tuned encoder. It fits in
     local mode (run.num_workers = 0), as these tests inspect what the loop made, not how
-    workers ran it (tests/test_pipeline.py and test_reliability.py fit MiCL with workers)."""
+    workers ran it (tests/test_multinode.py fits MiCL with workers, test_pipeline.py a
+    method of its own)."""
     cfg = tiny_config(pretrain_store, "micl", "run.name=micl-teacher", "run.num_workers=0")
     return cfg, run_pretraining(cfg)
 

@@ -27,13 +27,14 @@ def make_image_folder(root: str | pathlib.Path, n_per_class: int = 4,
     skip and count, and a hidden `.DS_Store` it must ignore.
 
     Returns {"root": dataset root (str), "split_root": str, "classes": sorted names,
-    "good": number of good images, "bad": relative paths of the bad files}.
+    "good": number of good images, "good_paths" and "bad": their and the bad files' paths
+    relative to split_root}.
     """
     root = pathlib.Path(root)
     split_root = root / split if split else root
     rng = np.random.default_rng(0)
     names = sorted(classes)
-    good = 0
+    good: list[str] = []  # relative to the split root
     for c, name in enumerate(names):
         d = split_root / name
         d.mkdir(parents=True, exist_ok=True)
@@ -41,11 +42,9 @@ def make_image_folder(root: str | pathlib.Path, n_per_class: int = 4,
         for i in range(n_per_class):
             h, w = size + 3 * (i % 2), size + 2 * (i % 3)
             img = np.clip(colour + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-            if i % 2:
-                Image.fromarray(img).save(d / f"img_{i}.png")
-            else:
-                Image.fromarray(img).save(d / f"img_{i}.jpg", quality=90)
-            good += 1
+            file = f"img_{i}.png" if i % 2 else f"img_{i}.jpg"
+            Image.fromarray(img).save(d / file, **({} if i % 2 else {"quality": 90}))
+            good.append(f"{name}/{file}")
     bad: list[str] = []
     if bad_files:
         first, second, last = names[0], names[1 % len(names)], names[-1]
@@ -56,7 +55,7 @@ def make_image_folder(root: str | pathlib.Path, n_per_class: int = 4,
         (split_root / first / ".DS_Store").write_bytes(b"\x00\x01junk")
         bad = [f"{first}/corrupt.jpg", f"{second}/empty.jpg", f"{last}/notes.txt"]
     return {"root": str(root), "split_root": str(split_root), "classes": names,
-            "good": good, "bad": bad}
+            "good": len(good), "good_paths": good, "bad": bad}
 
 
 class KillOnce:

@@ -278,7 +278,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
                   time.monotonic() - t0)
 
 
-def write_config(env: Env, name: str, *, workers: int, epochs: int, size: int,
+def write_config(env: Env, name: str, *, workers: int, epochs: int, size: int = 64,
                  data: dict | None = None, method: dict | None = None,
                  optim: dict | None = None, **run: object) -> Path:
     cfg = {
@@ -412,11 +412,8 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
     make_image_folder(env.shared / "folder", n_per_class=11, size=20, split="val",
                       bad_files=False)
     assert folder["good"] == SAMPLES
-    good_ids = sorted(stable_sample_id(str(p.relative_to(folder["split_root"])))
-                      for p in Path(folder["split_root"]).rglob("*")
-                      if p.is_file() and not p.name.startswith(".")
-                      and str(p.relative_to(folder["split_root"])) not in folder["bad"])
-    config = write_config(env, "faults", workers=2, epochs=EPOCHS, size=SAMPLES,
+    good_ids = sorted(stable_sample_id(path) for path in folder["good_paths"])
+    config = write_config(env, "faults", workers=2, epochs=EPOCHS,
                           max_failures=1, log_every_steps=1, keep_last=1,
                           data={"source": "imagefolder", "path": folder["root"],
                                 "max_bad_fraction": 0.05},
@@ -523,7 +520,7 @@ def test_a_search_runs_its_trials_side_by_side_on_the_trainer_nodes(env):
 
     space = env.root / "space.yaml"
     space.write_text("params:\n  method.mask_ratio: {grid: [0.25, 0.5]}\nscheduler: fifo\n")
-    config = write_config(env, "search", workers=1, epochs=1, size=64,
+    config = write_config(env, "search", workers=1, epochs=1,
                           experiment="micl-cluster-search")
     with ExitStack() as stack:
         job = submit(env, stack, "search", "python", "pipelines/tune.py", "--space",
