@@ -12,6 +12,7 @@ import torch
 from helpers import make_image_folder
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from ray.util.state import list_actors
 
 from micl.artifacts import (
     STATE_FILE,
@@ -139,7 +140,7 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     debugger, and short runs without worker start-up). Ray Train keeps no checkpoint there, so
     the loop persists each one to the run directory itself, keeps run.keep_last of them, and a
     second fit with the same name resumes from the newest; this process's torch threads are
-    left as they were."""
+    left as they were, and no bookkeeping actor of either fit outlives it."""
     def cfg(epochs: int):
         return tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=64",
                            "run.num_workers=0", "run.keep_last=1", "run.torch_threads=1",
@@ -159,6 +160,10 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     assert [p.name for p in run_dir.glob("checkpoint_*")] == [Path(second.checkpoint_path).name]
     check_checkpoint_loads(second, cfg(2), check_mlflow_run(second, cfg(2), epochs=2))
     assert torch.get_num_threads() == threads
+    # Each fit's epoch clock is a process of its own: gone once the fit is (tests run one
+    # fit at a time, so no other test's clock is alive either).
+    clocks = list_actors(filters=[("class_name", "=", "EpochClock"), ("state", "=", "ALIVE")])
+    assert clocks == [], clocks
 
 
 def test_the_storage_fallback_takes_the_newest_complete_checkpoint(tmp_path):
