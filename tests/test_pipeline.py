@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,8 +162,13 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     check_checkpoint_loads(second, cfg(2), check_mlflow_run(second, cfg(2), epochs=2))
     assert torch.get_num_threads() == threads
     # Each fit's epoch clock is a process of its own: gone once the fit is (tests run one
-    # fit at a time, so no other test's clock is alive either).
-    clocks = list_actors(filters=[("class_name", "=", "EpochClock"), ("state", "=", "ALIVE")])
+    # fit at a time, so no other test's clock is alive either). ray.kill returns before the
+    # state API hears of the death: give it a few seconds.
+    deadline = time.monotonic() + 10
+    while (clocks := list_actors(filters=[("class_name", "=", "EpochClock"),
+                                          ("state", "=", "ALIVE")])) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
     assert clocks == [], clocks
 
 
