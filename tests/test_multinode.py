@@ -20,6 +20,13 @@ module; every run reaches it through `ray job submit --working-dir`, as a user's
 
 Wherever a run's decode/mask tasks ran, the state API says so: on the data nodes only.
 Processes are stopped by pid, never with `ray stop` (see tests/test_cluster.py).
+
+Leave the checkout alone while this module runs. The simulated nodes share one session
+directory, and a node's runtime-env agent that meets a working-dir package for the first time
+deletes and unpacks it again in place (Ray's `overwrite=True`), under the job driver already
+running in it. The search job's driver (Tune's result listing calls `os.getcwd()`) then fails
+with FileNotFoundError if an edit between the two submissions gave the search a package of its
+own. On a real cluster each node unpacks to its own disk.
 """
 
 from __future__ import annotations
