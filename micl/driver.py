@@ -52,7 +52,7 @@ from micl.tracking import tracking_uri as default_tracking_uri
 from micl.train import LoopSpec, StepHook, train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-_CLOCKS: dict[str, Any] = {}  # run name -> the epoch clock of its fit (alive while it runs)
+_CLOCKS: list[Any] = []  # the epoch clock of the fit under way (alive while it runs)
 
 
 class PretrainError(RuntimeError):
@@ -161,11 +161,12 @@ def knn_sets(cfg: Config, cache: bool = True) -> dict[str, ray.data.Dataset]:
 
 def fit_clock(run_name: str) -> str:
     """A fresh epoch clock for one fit, held here until the fit ends (an actor whose handles
-    are all dropped is destroyed); returns its name."""
+    are all dropped is destroyed); returns its name. A process fits one run at a time, so
+    any clock still held belongs to a fit that is over (one built and fitted without
+    `fit_tracked`, as benchmarks/trainer.py does)."""
+    release_clocks()
     name = f"micl-clock-{run_name}-{uuid.uuid4().hex[:8]}"
-    if run_name in _CLOCKS:
-        ray.kill(_CLOCKS.pop(run_name))
-    _CLOCKS[run_name] = epoch_clock(name)
+    _CLOCKS.append(epoch_clock(name))
     return name
 
 
@@ -173,7 +174,7 @@ def release_clocks() -> None:
     """End the epoch clocks of fits that are over: each is a process of its own, and a
     process that runs fit after fit (a notebook, a test session) would keep them all."""
     while _CLOCKS:
-        ray.kill(_CLOCKS.popitem()[1])
+        ray.kill(_CLOCKS.pop())
 
 
 def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
