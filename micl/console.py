@@ -14,6 +14,7 @@ seconds otherwise (`ray job submit` logs, CI), where a bar's carriage returns wo
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 import time
@@ -174,7 +175,7 @@ class Console:
 
     def __init__(self, sink: Callable[[str, Any], None], every_s: float = 1.0) -> None:
         self.sink, self.every_s = sink, every_s
-        self._last = 0.0
+        self._last = -math.inf  # monotonic() counts from boot: the first call is always due
 
     def line(self, text: str) -> None:
         self.sink("line", text)
