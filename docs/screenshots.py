@@ -18,6 +18,7 @@ per page, and stops the server it started:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -47,7 +48,9 @@ def start_server(tracking_uri: str, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [str(mlflow) if mlflow.exists() else "mlflow", "server", "--backend-store-uri",
          tracking_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # no job runner: seven huey processes for GenAI jobs, which would outlive terminate()
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

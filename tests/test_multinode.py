@@ -32,6 +32,7 @@ own. On a real cluster each node unpacks to its own disk.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -64,6 +65,9 @@ from micl.data.sources import stable_sample_id
 
 DATA_LABEL = {"micl-role": "data"}
 TRAINER_RESOURCE = "trainer"  # the stand-in for GPU: a training worker requests 1
+# As cluster.yaml starts the server: MLflow 3's job runner (seven huey consumer processes for
+# GenAI jobs, which a training tracker never queues) costs 0.2 of a core while idle.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def node_env() -> dict[str, str]:
@@ -194,8 +198,9 @@ class SimulatedCluster:
 
 class MlflowServer:
     """`mlflow server` on a loopback port (a free one unless given), SQLite backend at
-    root/mlflow.db, artifacts proxied to `artifacts` (what cluster.yaml's head runs); started
-    and stopped by pid, again on the same port when restarted."""
+    root/mlflow.db, artifacts proxied to `artifacts`, without MLflow's job runner (what
+    cluster.yaml's head runs); started and stopped by pid, again on the same port when
+    restarted."""
 
     def __init__(self, root: Path, artifacts: Path, port: int | None = None) -> None:
         self.root, self.artifacts = root, artifacts
@@ -215,7 +220,7 @@ class MlflowServer:
              f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
              str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"], stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, env={**os.environ, **MLFLOW_SERVER_ENV})
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 120
@@ -224,6 +229,11 @@ class MlflowServer:
                 self.stop()
                 raise RuntimeError(f"mlflow server did not start:\n{self.log.read_text()}")
             time.sleep(0.3)
+
+    def commands(self) -> list[str]:
+        """The command lines of the server's processes."""
+        return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                for pid in process_tree(self.proc.pid)]
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -234,12 +244,13 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(root: Path, artifacts: Path, port: int | None = None) -> Iterator[str]:
-    """A started MlflowServer's URL for the block."""
+def mlflow_server(root: Path, artifacts: Path, port: int | None = None
+                  ) -> Iterator[MlflowServer]:
+    """A started MlflowServer for the block."""
     server = MlflowServer(root, artifacts, port)
     server.start()
     try:
-        yield server.url
+        yield server
     finally:
         server.stop()
 
