@@ -140,7 +140,11 @@ class SimulatedCluster:
             args[name] = ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(cpus),
                           "--resources", json.dumps(resources),
                           "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
-                          "--dashboard-agent-listen-port", str(agent)]
+                          "--dashboard-agent-listen-port", str(agent),
+                          # One log monitor per host, as Ray asks: the head's reads every
+                          # node's logs in the shared session directory; more would each read
+                          # them all again (and send drivers every line once per node).
+                          "--include-log-monitor", "false"]
         nodes = [self._start_alone(name, args[name]) for name in args]
         for i, node in enumerate(nodes):
             try:  # healthy nodes register in 3-15 s here, 60 s on a machine busy with a run
