@@ -150,11 +150,21 @@ class SimulatedCluster:
             try:  # healthy nodes register in 3-15 s here, 60 s on a machine busy with a run
                 self._wait(lambda n=node: self.node_id(n.name) is not None, node, timeout=90)
             except RuntimeError:
+                self.keep_logs(f"failed-start-{node.name}")
                 self.kill(node)  # what is left of the first try must not join later
                 node = nodes[i] = self._start_alone(node.name, args[node.name])
                 self._wait(lambda n=node: self.node_id(n.name) is not None, node)
             node.node_id = self.node_id(node.name)
         return nodes
+
+    def keep_logs(self, name: str) -> None:
+        """Copy the raylets' and the GCS's logs to root/<name>: the session directory goes
+        with the cluster, and a node that hung in its start says why only there."""
+        logs = self.temp_dir / "session_latest" / "logs"
+        (self.root / name).mkdir(exist_ok=True)
+        for f in [*logs.glob("raylet*"), *logs.glob("gcs_server*")]:
+            with suppress(OSError):
+                shutil.copy(f, self.root / name / f.name)
 
     def _start_alone(self, name: str, args: list[str], timeout: float = 60) -> Node:
         """Start a node; return once it holds its sockets. Nodes starting side by side race
