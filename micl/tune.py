@@ -173,8 +173,9 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
             tune_config=tune.TuneConfig(
                 metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                 scheduler=_scheduler(space, base),
-                search_alg=_search_alg(space, concurrency, base.run.seed),
-                max_concurrent_trials=concurrency),
+                # the search algorithm carries the concurrency limit: TuneConfig's own
+                # would be ignored, with a warning on the user's console
+                search_alg=_search_alg(space, concurrency, base.run.seed)),
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=1),
         )
     results = tuner.fit()

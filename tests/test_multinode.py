@@ -26,7 +26,9 @@ directory, and a node's runtime-env agent that meets a working-dir package for t
 deletes and unpacks it again in place (Ray's `overwrite=True`), under the job driver already
 running in it. The search job's driver (Tune's result listing calls `os.getcwd()`) then fails
 with FileNotFoundError if an edit between the two submissions gave the search a package of its
-own. On a real cluster each node unpacks to its own disk.
+own. For the same reason run the module whole: `-k search` alone fails so, as the trainer nodes
+then meet the package first during the search. On a real cluster each node unpacks to its own
+disk.
 """
 
 from __future__ import annotations
@@ -564,6 +566,7 @@ def test_a_search_runs_its_trials_side_by_side_on_the_trainer_nodes(env):
                      "--out", str(env.root / "compare"))
         job.wait()
         workers, mappers = where_it_ran(env, job)
+    assert "WARNING tune.py" not in job.text(), job.text()[-4000:]  # Tune minds how it is called
     # one trial on each of two trainer nodes (whichever two are up)
     assert len(workers) == 2 and workers <= env.node_ids(env.trainers), workers
     check_data_nodes_only(mappers, env.node_ids(env.data))
