@@ -247,9 +247,13 @@ class MlflowServer:
             time.sleep(0.3)
 
     def commands(self) -> list[str]:
-        """The command lines of the server's processes."""
-        return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                for pid in process_tree(self.proc.pid)]
+        """The command lines of the server's processes (one that ends meanwhile is left out)."""
+        lines = []
+        for pid in process_tree(self.proc.pid):
+            with suppress(OSError):
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                             .decode())
+        return lines
 
     def stop(self) -> None:
         if self.proc is not None:
