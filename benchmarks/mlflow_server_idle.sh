@@ -26,15 +26,11 @@ measure() {  # $1: "default" or an env assignment
   local dir port pid
   dir=$(mktemp -d)
   port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
-  if [ "$1" = default ]; then
-    setsid "$MLFLOW" server --backend-store-uri "sqlite:///$dir/mlflow.db" \
-      --artifacts-destination "$dir/artifacts" --host 127.0.0.1 --port "$port" --workers 1 \
-      >"$dir/server.log" 2>&1 &
-  else
-    env "$1" setsid "$MLFLOW" server --backend-store-uri "sqlite:///$dir/mlflow.db" \
-      --artifacts-destination "$dir/artifacts" --host 127.0.0.1 --port "$port" --workers 1 \
-      >"$dir/server.log" 2>&1 &
-  fi
+  local assign=()  # no assignment for the default
+  [ "$1" = default ] || assign=("$1")
+  env "${assign[@]}" setsid "$MLFLOW" server --backend-store-uri "sqlite:///$dir/mlflow.db" \
+    --artifacts-destination "$dir/artifacts" --host 127.0.0.1 --port "$port" --workers 1 \
+    >"$dir/server.log" 2>&1 &
   pid=$!
   disown "$pid"  # no job-control notice when the group is killed below
   for _ in $(seq 240); do

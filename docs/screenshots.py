@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from micl.tracking import ROLE_TAG, mlflow_client  # noqa: E402
+from micl.tracking import ROLE_TAG, SERVER_ENV, mlflow_client  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
@@ -48,9 +48,7 @@ def start_server(tracking_uri: str, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [str(mlflow) if mlflow.exists() else "mlflow", "server", "--backend-store-uri",
          tracking_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # no job runner: seven huey processes for GenAI jobs, which would outlive terminate()
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **SERVER_ENV})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

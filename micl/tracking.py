@@ -19,6 +19,10 @@ RUN_NAME_TAG = "micl.run_name"  # the Ray Train run name: resuming it reuses the
 ROLE_TAG = "micl.role"  # "train", "search" (a Tune parent), "trial" (a Tune child), "finetune"
 PRETRAIN_RUN_TAG = "micl.pretrain_run_id"  # on a fine-tuning run: the run it started from
 FINETUNE_RUN_TAG = "micl.finetune_run_id"  # on a pre-training run: its latest fine-tuning run
+# The environment to start `mlflow server` with (cluster.yaml's head writes the same): MLflow
+# 3's job runner, eight processes serving GenAI jobs a training tracker never queues, polls
+# its queues while idle and takes 0.2-0.4 of a core (BENCHMARKS.md).
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def tracking_uri(cfg: Config | None = None) -> str:

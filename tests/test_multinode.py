@@ -64,12 +64,10 @@ from test_cluster import (
 from micl.artifacts import STATE_FILE
 from micl.config import load_config
 from micl.data.sources import stable_sample_id
+from micl.tracking import SERVER_ENV
 
 DATA_LABEL = {"micl-role": "data"}
 TRAINER_RESOURCE = "trainer"  # the stand-in for GPU: a training worker requests 1
-# As cluster.yaml starts the server: MLflow 3's job runner (seven huey consumer processes for
-# GenAI jobs, which a training tracker never queues) costs 0.2 of a core while idle.
-MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def node_env() -> dict[str, str]:
@@ -236,7 +234,7 @@ class MlflowServer:
              f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
              str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"], stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, **MLFLOW_SERVER_ENV})
+            start_new_session=True, env={**os.environ, **SERVER_ENV})
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 120
