@@ -13,7 +13,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
+from ray._private import services as ray_services
 from ray.train.torch import TorchTrainer
 
 from micl import objectives
@@ -86,24 +88,58 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
+def connect_ray(num_cpus: int | None = None, address: str | None = None,
+                paths: Sequence[str] = ()) -> None:
     """Join the cluster this process belongs to (`ray job submit`, RAY_ADDRESS, `ray start`)
-    or start a local one. Workers get the project on their path either way."""
+    or start a local one (always, with address="local"). Workers get the project and `paths`
+    on their Python path either way."""
     if ray.is_initialized():
         return
     has_token = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) \
         or (Path.home() / ".ray" / "auth_token").exists()
     if not has_token:  # a local cluster of our own: Ray 2.60's token auth only gets in the way
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}}
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), *paths, os.environ.get("PYTHONPATH", ""))
+                                 if p)
     # Ray's workers print their internals (resource requests, checkpoint and report dumps,
     # deprecation notes) to the driver; micl's own lines reach it through micl.console, so by
     # default that channel stays shut and the output stays in Ray's log files.
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=verbose(),
-             configure_logging=True, logging_level="INFO" if verbose() else "WARNING")
+    init = dict(address=address, num_cpus=num_cpus, log_to_driver=verbose(),
+                configure_logging=True, logging_level="INFO" if verbose() else "WARNING")
+    if starts_local_ray(address):
+        # Its workers inherit the environment its raylet starts with, this process's: the
+        # path needs no runtime env, under which each worker starts Python twice
+        # (setup_worker.py, then the worker). And a single machine is never drained: Ray
+        # Train's preemption watcher, one more actor process per fit, has nothing to watch.
+        # (benchmarks/fit_cost.py: 8 % less CPU per tiny fit, BENCHMARKS.md.)
+        with environ(PYTHONPATH=pythonpath, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0"):
+            ray.init(**init)
+    else:
+        ray.init(**init, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet_driver_logs()
+
+
+def starts_local_ray(address: str | None) -> bool:
+    """Whether ray.init(address) starts a Ray here rather than joining one (Ray's own rule)."""
+    if (address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):  # Ray Client
+        return False
+    return ray_services.canonicalize_bootstrap_address(address) is None
+
+
+@contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """os.environ with `values` set for the block, as it was after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def check_data_nodes(cfg: Config) -> None:

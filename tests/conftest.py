@@ -6,7 +6,7 @@ import pytest
 import ray
 from test_objectives import METHOD_ARGS, tiny_config
 
-from micl.driver import run_pretraining
+from micl.driver import connect_ray, run_pretraining
 from micl.objectives import OBJECTIVES
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -15,11 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def ray_local():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT),
-                                                                           str(ROOT / "tests")])}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # The product's own start of a local Ray (tests/ on the workers' path for toy_method.py)
+    connect_ray(num_cpus=2, address="local", paths=[str(ROOT / "tests")])
     yield
     ray.shutdown()
 

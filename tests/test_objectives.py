@@ -92,7 +92,7 @@ def store(pretrain_store) -> Path:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_every_method_trains_through_the_pipeline(name, store, request):
+def test_every_method_trains_through_the_pipeline(name, store, request, ray_local):
     if name == "micl":
         cfg, result = request.getfixturevalue("micl_run")
     else:
