@@ -54,8 +54,12 @@ def main() -> None:
         from micl.driver import run_pretraining
     except ImportError:  # before the driver was micl/driver.py
         from micl.pretrain import run_pretraining
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": a.code}})
+    try:  # how the product starts a local Ray, where it has the function
+        from micl.driver import connect_ray
+        connect_ray(num_cpus=2, address="local")
+    except (ImportError, TypeError):  # older code: no such function, or no address argument
+        ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": a.code}})
     for workers in a.num_workers:
         times = []
         for i in range(a.fits):

@@ -111,7 +111,7 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None,
         # path needs no runtime env, under which each worker starts Python twice
         # (setup_worker.py, then the worker). And a single machine is never drained: Ray
         # Train's preemption watcher, one more actor process per fit, has nothing to watch.
-        # (benchmarks/fit_cost.py: 8 % less CPU per tiny fit, BENCHMARKS.md.)
+        # (Together about 12 % of a tiny fit's CPU time: BENCHMARKS.md, "Fixed cost".)
         with environ(PYTHONPATH=pythonpath, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0"):
             ray.init(**init)
     else:
