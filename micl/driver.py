@@ -89,10 +89,12 @@ def resolve(cfg: Config) -> Config:
 
 
 def connect_ray(num_cpus: int | None = None, address: str | None = None,
-                paths: Sequence[str] = ()) -> None:
+                paths: Sequence[str] = (), dashboard: bool | None = None) -> None:
     """Join the cluster this process belongs to (`ray job submit`, RAY_ADDRESS, `ray start`)
     or start a local one (always, with address="local"). Workers get the project and `paths`
-    on their Python path either way."""
+    on their Python path either way. A local Ray starts its dashboard (the web view, the job
+    and state APIs) unless `dashboard` is False: without it a tiny fit costs about 9 % less
+    CPU (BENCHMARKS.md, "Fixed cost")."""
     if ray.is_initialized():
         return
     has_token = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) \
@@ -104,7 +106,8 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None,
     # Ray's workers print their internals (resource requests, checkpoint and report dumps,
     # deprecation notes) to the driver; micl's own lines reach it through micl.console, so by
     # default that channel stays shut and the output stays in Ray's log files.
-    init = dict(address=address, num_cpus=num_cpus, log_to_driver=verbose(),
+    init = dict(address=address, num_cpus=num_cpus, include_dashboard=dashboard,
+                log_to_driver=verbose(),
                 configure_logging=True, logging_level="INFO" if verbose() else "WARNING")
     if starts_local_ray(address):
         # Its workers inherit the environment its raylet starts with, this process's: the

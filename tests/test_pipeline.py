@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from helpers import make_image_folder
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from ray.util.state import list_actors
 
 from micl.artifacts import (
     STATE_FILE,
@@ -162,12 +162,12 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     check_checkpoint_loads(second, cfg(2), check_mlflow_run(second, cfg(2), epochs=2))
     assert torch.get_num_threads() == threads
     # Each fit's epoch clock is a process of its own: gone once the fit is (tests run one
-    # fit at a time, so no other test's clock is alive either). ray.kill returns before the
-    # state API hears of the death: give it a few seconds.
+    # fit at a time, so no other test's clock is alive either). A clock is a named actor
+    # (micl-clock-<run>-<id>) whose name the GCS drops when it dies; ray.kill returns before
+    # that: give it a few seconds.
     deadline = time.monotonic() + 10
-    while (clocks := list_actors(filters=[("class_name", "=", "EpochClock"),
-                                          ("state", "=", "ALIVE")])) and \
-            time.monotonic() < deadline:
+    while (clocks := [a for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("micl-clock-")]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert clocks == [], clocks
 
