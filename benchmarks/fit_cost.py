@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, nargs="+", default=[1],
                    help="run.num_workers of the fits, one series each (0: Ray Train's local "
                         "mode, the loop in this process)")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="start the local Ray without its dashboard (as the tests do)")
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     sys.path.insert(0, a.code)
@@ -56,9 +58,11 @@ def main() -> None:
         from micl.pretrain import run_pretraining
     try:  # how the product starts a local Ray, where it has the function
         from micl.driver import connect_ray
-        connect_ray(num_cpus=2, address="local")
-    except (ImportError, TypeError):  # older code: no such function, or no address argument
-        ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+        connect_ray(num_cpus=2, address="local", **({"dashboard": False} if a.no_dashboard
+                                                    else {}))
+    except (ImportError, TypeError):  # older code: no such function, or no such argument
+        ray.init(address="local", num_cpus=2, include_dashboard=not a.no_dashboard,
+                 log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": a.code}})
     for workers in a.num_workers:
         times = []

@@ -93,7 +93,7 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None,
     """Join the cluster this process belongs to (`ray job submit`, RAY_ADDRESS, `ray start`)
     or start a local one (always, with address="local"). Workers get the project and `paths`
     on their Python path either way. A local Ray starts its dashboard (the web view, the job
-    and state APIs) unless `dashboard` is False: without it a tiny fit costs about 9 % less
+    and state APIs) unless `dashboard` is False: without it a tiny fit costs about 5 % less
     CPU (BENCHMARKS.md, "Fixed cost")."""
     if ray.is_initialized():
         return

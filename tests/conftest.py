@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def ray_local():
     # The product's own start of a local Ray (tests/ on the workers' path for toy_method.py),
     # without the dashboard: no test asks this Ray's state API (the simulated clusters of
-    # test_cluster.py and test_multinode.py have their own), and it is ~9 % of a fit's CPU.
+    # test_cluster.py and test_multinode.py have their own), and it is ~5 % of a fit's CPU.
     connect_ray(num_cpus=2, address="local", paths=[str(ROOT / "tests")], dashboard=False)
     yield
     ray.shutdown()
