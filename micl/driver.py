@@ -113,9 +113,11 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None,
         # Its workers inherit the environment its raylet starts with, this process's: the
         # path needs no runtime env, under which each worker starts Python twice
         # (setup_worker.py, then the worker). And a single machine is never drained: Ray
-        # Train's preemption watcher, one more actor process per fit, has nothing to watch.
-        # (Together about 12 % of a tiny fit's CPU time: BENCHMARKS.md, "Fixed cost".)
-        with environ(PYTHONPATH=pythonpath, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0"):
+        # Train's preemption watcher, one more actor process per fit, has nothing to watch
+        # (unless the user asks for it). Together about 12 % of a tiny fit's CPU time
+        # (BENCHMARKS.md, "Fixed cost").
+        watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        with environ(PYTHONPATH=pythonpath, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=watcher):
             ray.init(**init)
     else:
         ray.init(**init, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
