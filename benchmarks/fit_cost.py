@@ -58,8 +58,7 @@ def main() -> None:
         from micl.pretrain import run_pretraining
     try:  # how the product starts a local Ray, where it has the function
         from micl.driver import connect_ray
-        connect_ray(num_cpus=2, address="local", **({"dashboard": False} if a.no_dashboard
-                                                    else {}))
+        connect_ray(num_cpus=2, address="local", dashboard=False if a.no_dashboard else None)
     except (ImportError, TypeError):  # older code: no such function, or no such argument
         ray.init(address="local", num_cpus=2, include_dashboard=not a.no_dashboard,
                  log_to_driver=False,

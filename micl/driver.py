@@ -13,11 +13,11 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import ray
@@ -117,7 +117,8 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None,
         # (unless the user asks for it). Together about 12 % of a tiny fit's CPU time
         # (BENCHMARKS.md, "Fixed cost").
         watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        with environ(PYTHONPATH=pythonpath, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=watcher):
+        with patch.dict(os.environ, PYTHONPATH=pythonpath,
+                        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=watcher):  # as it was after
             ray.init(**init)
     else:
         ray.init(**init, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
@@ -130,21 +131,6 @@ def starts_local_ray(address: str | None) -> bool:
     if (address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):  # Ray Client
         return False
     return ray_services.canonicalize_bootstrap_address(address) is None
-
-
-@contextmanager
-def environ(**values: str) -> Iterator[None]:
-    """os.environ with `values` set for the block, as it was after."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def check_data_nodes(cfg: Config) -> None:
