@@ -51,7 +51,7 @@ from micl.evaluate import extract_features, knn_top1, linear_probe
 from micl.models.export import encoder_from_timm, timm_state_dict
 from micl.tracking import RunLogger, open_run
 from micl.tracking import tracking_uri as default_tracking_uri
-from micl.train import LoopSpec, StepHook, train_loop_per_worker
+from micl.train import LoopSpec, StepHook, seal_spec, train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 _CLOCKS: list[Any] = []  # the epoch clock of the fit under way (alive while it runs)
@@ -234,13 +234,14 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
-def torch_trainer(loop: Callable[[Any], None], loop_config: Any, cfg: Config, run_name: str,
+def torch_trainer(loop: Callable[[Any], None], spec: Any, cfg: Config, run_name: str,
                   datasets: dict[str, ray.data.Dataset], datasets_to_split: list[str],
                   callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention."""
+    """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention.
+    The loop gets `spec` sealed (micl.train.seal_spec): Ray Train's controller never opens it."""
     return TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config=seal_spec(spec),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker=worker_resources(cfg)),

@@ -76,6 +76,7 @@ from micl.train import (
     Worker,
     base_lr,
     epoch_metrics,
+    open_spec,
     print_epoch,
     resume,
     run_logger,
@@ -176,7 +177,8 @@ def evaluate_classifier(net: nn.Module, cfg: Config, w: Worker) -> dict[str, flo
     return {"val_top1": top1 / n, "val_top5": top5 / n, "val_loss": loss / n, "val_images": n}
 
 
-def finetune_loop_per_worker(spec: FinetuneSpec) -> None:
+def finetune_loop_per_worker(loop_config: dict[str, bytes]) -> None:
+    spec: FinetuneSpec = open_spec(loop_config)
     cfg = from_dict(spec.loop.config)
     w = worker_context(cfg, spec.loop)
     model = build_classifier(cfg, spec.num_classes, spec.init_weights)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -80,6 +81,22 @@ class LoopSpec:
     mlflow_run_id: str | None = None  # None: no tracking store
     hooks: Sequence[StepHook] = ()  # called after every optimizer step, on every worker
     console_name: str | None = None  # the driver's ConsoleRelay (None: rank 0 prints)
+
+
+# Ray Train gives train_loop_config to its controller too, which unpickles it with its other
+# arguments: a spec object there makes the controller import the loop's module (torch, timm,
+# MLflow: seconds of CPU before it starts any worker) and, when fine-tuning, hold the initial
+# weights. Sealed as bytes, the spec is opened by the workers only.
+SEALED_SPEC = "micl_spec"
+
+
+def seal_spec(spec: Any) -> dict[str, bytes]:
+    """A loop's spec as train_loop_config: only the workers unpickle it (`open_spec`)."""
+    return {SEALED_SPEC: ray.cloudpickle.dumps(spec)}
+
+
+def open_spec(loop_config: dict[str, bytes]) -> Any:
+    return pickle.loads(loop_config[SEALED_SPEC])
 
 
 @dataclass
@@ -581,7 +598,8 @@ def log_mask_picture(logger: RunLogger, batch: dict[str, torch.Tensor], cfg: Con
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop_per_worker(spec: LoopSpec) -> None:
+def train_loop_per_worker(loop_config: dict[str, bytes]) -> None:
+    spec: LoopSpec = open_spec(loop_config)
     cfg = from_dict(spec.config)
     w = worker_context(cfg, spec)
     objective = build_objective(cfg)

@@ -1,10 +1,14 @@
 """Pieces of the training loop that are easy to get subtly wrong: the epoch averages over
-workers and skipped steps, and gradient accumulation at the end of an epoch."""
+workers and skipped steps, gradient accumulation at the end of an epoch, and what of the
+loop's spec Ray Train's controller sees."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -21,6 +25,8 @@ from micl.train import (
     TrainState,
     checkpoint_state,
     grouped,
+    open_spec,
+    seal_spec,
     timed,
     train_step,
     unwrap,
@@ -125,3 +131,21 @@ def test_a_compiled_model_checkpoints_under_its_plain_names():
                              Config(), LoopSpec({}, 0, "", "", ""), TrainState())
     assert set(state["model"]) == set(model.state_dict())
     nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).load_state_dict(state["model"])
+
+
+def test_the_controller_unpickles_the_loop_spec_without_importing_torch():
+    """Ray Train's controller unpickles train_loop_config with its other arguments. Sealed, a
+    fine-tuning spec (initial weights included) costs it no import of torch or of the loop's
+    module, and the workers get the spec back whole."""
+    spec = LoopSpec({"optim": {"epochs": 2}}, 64, "/runs/a", "micl-clock-a", "run-id",
+                    hooks=(print,))
+    sealed = seal_spec((spec, {"weight": torch.ones(3)}))
+    opened, weights = open_spec(pickle.loads(pickle.dumps(sealed)))
+    assert opened == spec and torch.equal(weights["weight"], torch.ones(3))
+    # What a fresh controller process sees: a dict of bytes, whatever it imported before.
+    probe = ("import pickle, sys; config = pickle.loads(sys.stdin.buffer.read()); "
+             "print(sorted(config), [m for m in ('torch', 'micl', 'micl.train', 'timm') "
+             "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], input=pickle.dumps(sealed),
+                         capture_output=True, check=True).stdout.decode().strip()
+    assert out == "['micl_spec'] []", out
