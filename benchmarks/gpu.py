@@ -259,8 +259,9 @@ def end_to_end(s: Setup, args, device, compute_ips: float | None) -> list[object
     import ray
     import torch
 
+    from micl.data.clock import epoch_clock
     from micl.data.sources import load_split
-    from micl.data.stream import epoch_clock, train_stream
+    from micl.data.stream import train_stream
     from micl.driver import check
     from micl.objectives import stream_spec
 

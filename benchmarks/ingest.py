@@ -149,8 +149,9 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
                                log_to_driver=False, object_store_memory=2 * 2**30,
                                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     import micl.data.stream as stream_mod
+    from micl.data.clock import epoch_clock
     from micl.data.sources import load_split
-    from micl.data.stream import epoch_clock, train_stream
+    from micl.data.stream import train_stream
     from micl.objectives import stream_spec
 
     ctx = ray.data.DataContext.get_current()

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import ray
 
-from micl.data.stream import NAMESPACE, on_this_node
+from micl.data.clock import NAMESPACE, on_this_node
 
 _VERBOSE = False
 

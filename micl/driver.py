@@ -39,9 +39,9 @@ from micl.console import (
     view_console,
     watch,
 )
+from micl.data.clock import epoch_clock
 from micl.data.sources import check_source, data_location, load_split, split_size
 from micl.data.stream import (
-    epoch_clock,
     eval_stream,
     keep_label_subset,
     subset_suffix,

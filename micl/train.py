@@ -44,8 +44,8 @@ from micl.console import (
     relay_warnings,
     silent_console,
 )
+from micl.data.clock import epoch_clock
 from micl.data.sources import DataError
-from micl.data.stream import epoch_clock
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
 from micl.objectives import Objective, build_objective, import_plugins
@@ -77,7 +77,7 @@ class LoopSpec:
     config: dict[str, Any]  # Config.to_dict(), with run.tracking_uri and storage resolved
     num_train: int  # training samples (files) in the split, before undecodable ones
     run_dir: str  # this Ray Train run's directory on storage (local path or pyarrow URI)
-    clock_name: str  # the EpochClock actor of this fit (data.stream; also counts restarts)
+    clock_name: str  # the EpochClock actor of this fit (data.clock; also counts restarts)
     mlflow_run_id: str | None = None  # None: no tracking store
     hooks: Sequence[StepHook] = ()  # called after every optimizer step, on every worker
     console_name: str | None = None  # the driver's ConsoleRelay (None: rank 0 prints)

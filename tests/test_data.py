@@ -18,6 +18,7 @@ from helpers import BAD_FILES, make_image_folder
 from PIL import Image
 
 from micl.config import Config, ConfigError
+from micl.data.clock import epoch_clock
 from micl.data.masking import patches_per_view
 from micl.data.prepare import write_parquet_shards
 from micl.data.sources import (
@@ -30,7 +31,7 @@ from micl.data.sources import (
     stable_sample_id,
     synthetic_images,
 )
-from micl.data.stream import epoch_clock, eval_stream, train_stream
+from micl.data.stream import eval_stream, train_stream
 from micl.data.transforms import (
     center_resize,
     crop_resize,
@@ -316,6 +317,15 @@ def test_train_stream_is_reproducible_per_epoch(ray_local, folder):
         assert (a[key] == b[key]).all(), key
     assert (a["sample_id"] == c["sample_id"]).all()
     assert not (a["view1"] == c["view1"]).all() and not (a["image"] == c["image"]).all()
+
+
+def test_the_helper_actors_of_a_fit_start_without_ray_data():
+    """Each fit starts an epoch clock and a console relay, each a process that first imports
+    its class's module: those import Ray and nothing heavy (Ray Data, pyarrow, PIL, torch)."""
+    probe = ("import sys, ray, micl.console, micl.data.clock; print(sorted(m for m in "
+             "('ray.data', 'pyarrow', 'PIL', 'numpy', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)
+    assert out.stdout.decode().strip() == "[]", out
 
 
 def test_epoch_clock_drives_the_epoch(ray_local, folder):
