@@ -238,7 +238,9 @@ def torch_trainer(loop: Callable[[Any], None], spec: Any, cfg: Config, run_name:
                   datasets: dict[str, ray.data.Dataset], datasets_to_split: list[str],
                   callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention.
-    The loop gets `spec` sealed (micl.train.seal_spec): Ray Train's controller never opens it."""
+    The loop gets `spec` sealed (micl.train.seal_spec): Ray Train's controller never opens it.
+    A single worker iterates its datasets itself: splitting for one would cost a fit a split
+    coordinator actor (a process importing Ray Data) and hand it the same rows."""
     return TorchTrainer(
         loop,
         train_loop_config=seal_spec(spec),
@@ -251,7 +253,8 @@ def torch_trainer(loop: Callable[[Any], None], spec: Any, cfg: Config, run_name:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
             callbacks=callbacks),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=datasets_to_split),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=datasets_to_split if cfg.run.num_workers > 1 else []),
     )
 
 

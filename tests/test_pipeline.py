@@ -120,8 +120,17 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path, 
     broken = tmp_path / "runs" / "resumable" / "checkpoint_2099-01-01_00-00-00.000000"
     broken.mkdir()
     (broken / "state.pt.tmp").write_bytes(b"\x80\x02truncated")
-    second = run_pretraining(cfg(2, workers=1))
+    seen = tmp_path / "shard"
+
+    def note_shard(info) -> None:
+        with seen.open("a") as f:
+            f.write(type(ray.train.get_dataset_shard("train")).__name__ + "\n")
+
+    second = run_pretraining(cfg(2, workers=1), hooks=[note_shard])
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resume
+    # A single worker streams its data itself: no split coordinator (an actor process per
+    # fit) between it and Ray Data.
+    assert set(seen.read_text().split()) == {"DataIteratorImpl"}, seen.read_text()
     assert second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 2  # epoch 2 added to epoch 1's steps
