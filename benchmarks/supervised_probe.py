@@ -1,7 +1,7 @@
 """How far a ViT classifier gets on Fashion-MNIST in a plain PyTorch loop: no Ray, no MLflow.
 
-Run (from the repository root; an epoch takes about 1.4 min at patch 7 / width 128 and 2 min at
-patch 4 / width 64 on an idle 2-core CPU, plus a few seconds of evaluation):
+Run (from the repository root; an epoch takes about 1.6 min at patch 4 / width 64 on an idle
+2-core CPU with AVX-512, evaluation included, and about 1.4 min at patch 7 / width 128):
 
     .venv/bin/python benchmarks/supervised_probe.py --patch 4 --width 64 --epochs 10
     # -> test top-1 0.6419 after epoch 1 ... 0.8391 after epoch 10 (BENCHMARKS.md, issue 16)
