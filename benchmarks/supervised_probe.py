@@ -23,20 +23,17 @@ import time
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
 import torch.nn.functional as F
+from recipe import MEAN, STD, load
 
 from micl.config import ModelConfig
-from micl.data.sources import read_fashion_mnist
 from micl.models.classifier import create_classifier
 from micl.train import lr_at
 
-MEAN, STD = 0.286, 0.353  # Fashion-MNIST's pixel mean and std (configs/*fashion_mnist*.yaml)
 
-
-def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised images [N, 1, 28, 28] and labels [N]."""
-    images, labels = read_fashion_mnist(None, split)
-    x = torch.from_numpy(images).float().div(255).sub(MEAN).div(STD)[:, None]
-    return x, torch.from_numpy(labels.astype("int64"))
+def load_normalised(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images [N, 1, 28, 28] and labels [N] (recipe.py's loader)."""
+    x, y = load(split)
+    return (x - MEAN) / STD, y
 
 
 def pad_crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
@@ -77,7 +74,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    (x, y), (x_test, y_test) = load("train"), load("test")
+    (x, y), (x_test, y_test) = load_normalised("train"), load_normalised("test")
     model = ModelConfig(img_size=28, patch_size=args.patch, in_chans=1, embed_dim=args.width,
                         depth=args.depth, num_heads=args.heads)
     net = create_classifier(model, num_classes=10)
