@@ -52,8 +52,8 @@ def load_normalised(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 def build_net(args: argparse.Namespace) -> torch.nn.Module:
     """The pipeline's classifier, new or with a pre-trained encoder's weights (--init)."""
     if not args.init:
-        model = ModelConfig(img_size=28, patch_size=args.patch, in_chans=1, embed_dim=args.width,
-                            depth=args.depth, num_heads=args.heads)
+        model = ModelConfig(img_size=28 * args.upsample, patch_size=args.patch, in_chans=1,
+                            embed_dim=args.width, depth=args.depth, num_heads=args.heads)
         return create_classifier(model, num_classes=10)
     pretrained = load_encoder(checkpoint=args.init)
     model = dataclasses.replace(pretrained.model, img_size=28 * args.upsample)
@@ -122,8 +122,8 @@ def main() -> None:
     p.add_argument("--layer-decay", type=float, default=1.0, help="timm's layer-wise lr decay")
     p.add_argument("--crop", choices=["pad", "rrc"], default="pad",
                    help="pad: 2-px pad, 28-px crop, flip; rrc: RandomResizedCrop + flip")
-    p.add_argument("--upsample", type=int, default=1, help="with --init: fine-tune on images "
-                   "enlarged this many times (more, smaller patches; pos_embed interpolated)")
+    p.add_argument("--upsample", type=int, default=1, help="train on images enlarged this many "
+                   "times (more, smaller patches; with --init, pos_embed interpolated)")
     p.add_argument("--crop-scale-min", type=float, default=0.6, help="rrc's smallest area")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,10 +140,9 @@ def main() -> None:
         order = torch.randperm(len(x))
         for s in range(steps):
             batch = order[s * args.batch:(s + 1) * args.batch]
+            lr = lr_at(epoch + s / steps, args.lr, args.warmup_epochs, args.epochs, min_lr=1e-6)
             for group in opt.param_groups:
-                group["lr"] = group["lr_scale"] * lr_at(epoch + s / steps, args.lr,
-                                                        args.warmup_epochs, args.epochs,
-                                                        min_lr=1e-6)
+                group["lr"] = group["lr_scale"] * lr
             loss = F.cross_entropy(net(augment(x[batch], args, g)), y[batch],
                                    label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)

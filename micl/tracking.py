@@ -402,6 +402,13 @@ class RunLogger:
             self._guard("metrics", self._send_pending)
 
     def end(self, status: str = "FINISHED") -> None:
+        """End the run with `status`, unless something else has ended it already: a Tune
+        search marks the runs of the trials its scheduler stopped KILLED, and a stopped trial's
+        own fit may see the stop as a failure only later; its FAILED must not overwrite that."""
         self.flush()
-        self._guard("run status",
-                    lambda: mlflow_client(self.uri).set_terminated(self.run_id, status))
+        self._guard("run status", self._end_if_running, status)
+
+    def _end_if_running(self, status: str) -> None:
+        client = mlflow_client(self.uri)
+        if client.get_run(self.run_id).info.status == "RUNNING":
+            client.set_terminated(self.run_id, status)

@@ -30,7 +30,7 @@ def test_the_gpu_check_dry_run_runs_every_part(ray_local, tmp_path):
     assert by_part["compile"][0][3] > 0
     e2e = by_part["e2e"][0]
     assert e2e[3] > 0 and "data wait" in e2e[-1] and "-bound" in e2e[-1]
-    tune, finetune, knn = by_part["extras"]
+    finetune, knn, tune = by_part["extras"]
     assert "1/1 trials finished" in tune[-1]  # the dry run's one trial
     assert "val top-1" in finetune[-1] and "knn_top1" in knn[-1]
     # The end-to-end run logged the loop's data-wait metrics and got its fine-tuning result.

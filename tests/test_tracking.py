@@ -48,6 +48,20 @@ def test_a_store_failing_mid_run_is_warned_about_once(tmp_path):
     assert any("note.txt" in what for what in logger.lost)
 
 
+def test_ending_a_run_keeps_the_status_something_else_gave_it(tmp_path):
+    """A Tune search marks a stopped trial's run KILLED after the search; the trial's own fit,
+    dying later, ends its run FAILED. The later end must not overwrite KILLED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    stopped = client.create_run(client.create_experiment("e")).info.run_id
+    client.set_terminated(stopped, "KILLED")  # what the search does
+    RunLogger(uri, stopped).end("FAILED")  # what the dying trial does afterwards
+    assert client.get_run(stopped).info.status == "KILLED"
+    running = client.create_run(client.get_experiment_by_name("e").experiment_id).info.run_id
+    RunLogger(uri, running).end("FAILED")
+    assert client.get_run(running).info.status == "FAILED"
+
+
 @pytest.mark.e2e
 def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(tmp_path):
     """A real `mlflow server` becomes unreachable mid-run and comes back on the same address:
