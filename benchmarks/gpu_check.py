@@ -16,6 +16,10 @@ cut short keeps what it measured, and `--budget-s` skips the parts that would no
            benchmarks/gpu.py (checked here against torch's FLOP counter), MFU, peak memory.
   compile  the same step torch.compile'd (`run.compile` does the same in the loop), for
            ViT-L/16 at r = 0.9: compile seconds and images/s beside the eager row.
+  profile  where the eager ViT-L/16 r = 0.9 step's time goes (torch.profiler over 3 steps):
+           the share of the wall time in matrix products, attention, norms, the optimizer,
+           copies and gathers, elementwise and reduction kernels, and with the GPU idle; the
+           top kernels go to <out>/profile.txt. What to speed up next, when MFU falls short.
   e2e      a real pre-training (`run_pretraining`: Ray Data -> TorchTrainer on the GPU -> MLflow)
            of ViT-L/16 r = 0.9 from Parquet shards of 256-px images the script writes, for
            about a minute: training images/s against the compute-bound rate at the same batch,
@@ -47,7 +51,7 @@ import _common  # noqa: E402
 import gpu  # noqa: E402
 from gpu import Setup  # noqa: E402
 
-PARTS = ("step", "compile", "e2e", "extras")
+PARTS = ("step", "compile", "profile", "e2e", "extras")
 
 
 @dataclass
@@ -219,6 +223,60 @@ def check_flop_count(report: Report) -> None:
         raise SystemExit("the analytic FLOP count disagrees with torch's counter")
 
 
+# Kernel (GPU) or operator (CPU dry run) names -> what they do; first match wins.
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("matmul", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::linear")),
+    ("norm", ("layer_norm", "layernorm", "norm_")),
+    ("copy/gather", ("copy", "gather", "index", "cat", "scatter")),
+    ("elementwise", ("elementwise", "gelu", "aten::mul", "aten::add", "aten::div", "aten::sub")),
+    ("reduction", ("reduce", "aten::sum", "aten::mean")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def part_profile(plan: Plan, report: Report, out: Path, found: dict[Setup, int]) -> None:
+    """Shares of the eager step's wall time by kernel kind, and idle (GPU) time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    s = plan.compile_setups[0]
+    s = replace(s, batch_size=found.get(s) or plan.e2e_setup.batch_size)
+    step, batch = gpu.Stepper(s, plan.device), gpu.synthetic_batch(s, plan.device)
+    cuda = plan.device.type == "cuda"
+    for _ in range(plan.warmup):
+        step(batch)
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(3):
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) * 1e6
+    events = prof.key_averages()
+    # GPU: the kernels' own time; CPU: the aten operators' (leaves only: no double counting).
+    timed = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total)
+             for e in events if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda
+             and (cuda or e.key.startswith("aten::"))]
+    share: dict[str, float] = {}
+    for name, us in timed:
+        share[kernel_kind(name)] = share.get(kernel_kind(name), 0.0) + us / wall_us
+    if cuda:
+        share["GPU idle"] = max(0.0, 1.0 - sum(share.values()))
+    (out / "profile.txt").write_text(events.table(
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25))
+    report.add("profile", f"{s.label} r={s.mask_ratio}, eager", s.batch_size, notes=", ".join(
+        f"{kind} {100 * v:.0f}%" for kind, v in sorted(share.items(), key=lambda kv: -kv[1]))
+        + f" of {wall_us / 3e3:.0f} ms per step")
+
+
 # ----------------------------------------------------------------------------- part 3 and 4
 
 
@@ -346,7 +404,7 @@ def run_parts(plan: Plan, report: Report, out: Path, parts: list[str], budget_s:
     """Run the parts in order; a failing part is a row, not the end. Returns the failures."""
     # Measured on one H200 (BENCHMARKS.md, "GPU"): step 210 s with compile (its 42 s of
     # compilation included), e2e 135 s, Tune 113 s, fine-tune and kNN about 90 s.
-    need_s = {"step": 160, "compile": 60, "e2e": 140, "extras": 210}
+    need_s = {"step": 160, "compile": 60, "profile": 30, "e2e": 140, "extras": 210}
     t0, failed, found, e2e = time.perf_counter(), [], {}, None
     if "step" in parts:
         check_flop_count(report)
@@ -359,6 +417,8 @@ def run_parts(plan: Plan, report: Report, out: Path, parts: list[str], budget_s:
                 found = part_step(plan, report)
             elif part == "compile":
                 part_compile(plan, report, found)
+            elif part == "profile":
+                part_profile(plan, report, out, found)
             elif part == "e2e":
                 e2e = part_e2e(plan, report, out)
             elif e2e is None:

@@ -28,6 +28,9 @@ def test_the_gpu_check_dry_run_runs_every_part(ray_local, tmp_path):
     assert [r[1] for r in by_part["step"]] == ["ViT-pico/8 r=0.75", "MAE ViT-pico/8 r=0.75"]
     assert all(r[2].startswith("16") and r[3] > 0 for r in by_part["step"])
     assert by_part["compile"][0][3] > 0
+    # The profile splits the step's time by kind of work; matrix products are among them.
+    assert "matmul" in by_part["profile"][0][-1] and "ms per step" in by_part["profile"][0][-1]
+    assert "Self CPU" in (tmp_path / "profile.txt").read_text()
     e2e = by_part["e2e"][0]
     assert e2e[3] > 0 and "data wait" in e2e[-1] and "-bound" in e2e[-1]
     finetune, knn, tune = by_part["extras"]
