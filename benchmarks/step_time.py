@@ -8,6 +8,7 @@ a whole run.
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
         python benchmarks/step_time.py
     bash benchmarks/slow_machine.sh 0.85 python benchmarks/step_time.py   # under a CPU quota
+    python benchmarks/step_time.py --bf16   # under CPU bf16 autocast (fast where AMX is)
 
 Prints the ISA torch dispatches to, so that a row says which kernels it timed.
 """
@@ -31,6 +32,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--bf16", action="store_true", help="forward under torch.autocast('cpu', "
+                   "bfloat16): what AMX-BF16 (lscpu: amx_bf16) speeds up")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(a.config)
@@ -39,7 +42,9 @@ def main() -> None:
     x = torch.randn(a.batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
 
     def step() -> None:
-        loss = model(x).float().pow(2).mean()  # any scalar of the encoder's output will do
+        with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
+            out = model(x)
+        loss = out.float().pow(2).mean()  # any scalar of the encoder's output will do
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -51,7 +56,8 @@ def main() -> None:
         step()
     ms = (time.perf_counter() - t0) / a.steps * 1000
     print(f"{_common.cpu_model()}, torch kernels {torch.backends.cpu.get_cpu_capability()}, "
-          f"{a.threads} threads: {ms:.0f} ms a step of {a.batch} ({a.config})")
+          f"{a.threads} threads{', bf16 autocast' if a.bf16 else ''}: {ms:.0f} ms a step of "
+          f"{a.batch} ({a.config})")
 
 
 if __name__ == "__main__":
