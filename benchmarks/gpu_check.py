@@ -261,13 +261,14 @@ def part_profile(plan: Plan, report: Report, out: Path, found: dict[Setup, int])
             torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t) * 1e6
     events = prof.key_averages()
-    # GPU: the kernels' own time; CPU: the aten operators' (leaves only: no double counting).
-    timed = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total)
-             for e in events if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda
-             and (cuda or e.key.startswith("aten::"))]
+    # GPU: the kernels' own time; CPU: the aten operators' self time (no double counting).
+    timed = [(e.key, e.self_device_time_total) for e in events
+             if e.device_type == torch.autograd.DeviceType.CUDA] if cuda else \
+        [(e.key, e.self_cpu_time_total) for e in events if e.key.startswith("aten::")]
     share: dict[str, float] = {}
     for name, us in timed:
-        share[kernel_kind(name)] = share.get(kernel_kind(name), 0.0) + us / wall_us
+        kind = kernel_kind(name)
+        share[kind] = share.get(kind, 0.0) + us / wall_us
     if cuda:
         share["GPU idle"] = max(0.0, 1.0 - sum(share.values()))
     (out / "profile.txt").write_text(events.table(
