@@ -20,6 +20,10 @@ cut short keeps what it measured, and `--budget-s` skips the parts that would no
            the share of the wall time in matrix products, attention, norms, the optimizer,
            copies and gathers, elementwise and reduction kernels, and with the GPU idle; the
            top kernels go to <out>/profile.txt. What to speed up next, when MFU falls short.
+  attention the same eager step under each of torch's attention kernels (flash, memory-
+           efficient, cuDNN, math): MiCL's views are short (11 tokens at r = 0.9 for ViT-L/16,
+           the cls token included), far below the 64-128-row tiles the fused kernels are
+           built for, so which kernel wins there is measured, not assumed.
   e2e      a real pre-training (`run_pretraining`: Ray Data -> TorchTrainer on the GPU -> MLflow)
            of ViT-L/16 r = 0.9 from Parquet shards of 256-px images the script writes, for
            about a minute: training images/s against the compute-bound rate at the same batch,
@@ -51,7 +55,7 @@ import _common  # noqa: E402
 import gpu  # noqa: E402
 from gpu import Setup  # noqa: E402
 
-PARTS = ("step", "compile", "profile", "e2e", "extras")
+PARTS = ("step", "compile", "profile", "attention", "e2e", "extras")
 
 
 @dataclass
@@ -80,6 +84,9 @@ class Plan:
     # process): a worker's start-up, about 25 s on 2 CPUs, is most of a tiny run. The Tune
     # trial keeps its worker (Tune needs one); one trial runs the same code as two.
     run_workers: int = 1
+    # The batch of the compile, profile and attention parts when the step part did not run
+    # (`--batch`); None: the e2e part's batch.
+    fixed_batch: int | None = None
     overrides: list[str] = field(default_factory=list)  # for every run of e2e and extras
 
 
@@ -205,9 +212,14 @@ def part_step(plan: Plan, report: Report) -> dict[Setup, int]:
     return found
 
 
+def batch_of(plan: Plan, found: dict[Setup, int], s: Setup) -> int:
+    """The step part's batch for s, else --batch, else the e2e part's."""
+    return found.get(s) or plan.fixed_batch or plan.e2e_setup.batch_size
+
+
 def part_compile(plan: Plan, report: Report, found: dict[Setup, int]) -> None:
     for s in plan.compile_setups:
-        b = found.get(s) or plan.e2e_setup.batch_size
+        b = batch_of(plan, found, s)
         ips, peak, first = timed_step(replace(s, batch_size=b), plan, compile_model=True)
         report.add("compile", f"{s.label} r={s.mask_ratio}", b, ips,
                    gpu.flops_per_image(s)["train"], peak,
@@ -247,7 +259,7 @@ def part_profile(plan: Plan, report: Report, out: Path, found: dict[Setup, int])
     from torch.profiler import ProfilerActivity, profile
 
     s = plan.compile_setups[0]
-    s = replace(s, batch_size=found.get(s) or plan.e2e_setup.batch_size)
+    s = replace(s, batch_size=batch_of(plan, found, s))
     step, batch = gpu.Stepper(s, plan.device), gpu.synthetic_batch(s, plan.device)
     cuda = plan.device.type == "cuda"
     for _ in range(plan.warmup):
@@ -276,6 +288,32 @@ def part_profile(plan: Plan, report: Report, out: Path, found: dict[Setup, int])
     report.add("profile", f"{s.label} r={s.mask_ratio}, eager", s.batch_size, notes=", ".join(
         f"{kind} {100 * v:.0f}%" for kind, v in sorted(share.items(), key=lambda kv: -kv[1]))
         + f" of {wall_us / 3e3:.0f} ms per step")
+
+
+def part_attention(plan: Plan, report: Report, found: dict[Setup, int]) -> None:
+    """The eager ViT-L/16 r = 0.9 step's images/s under each SDPA kernel; a kernel that cannot
+    run these shapes on this device is a row saying so."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    s = plan.compile_setups[0]
+    s = replace(s, batch_size=batch_of(plan, found, s))
+    step, batch = gpu.Stepper(s, plan.device), gpu.synthetic_batch(s, plan.device)
+    flops = gpu.flops_per_image(s)["train"]
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        label = f"{s.label} r={s.mask_ratio}, eager, {backend.name.lower()}"
+        reset_peak_memory(plan.device)
+        try:
+            with sdpa_kernel(backend):
+                seconds = gpu.time_steps(step, lambda: batch, plan.warmup, plan.steps,
+                                         plan.device)
+        except RuntimeError as e:  # "No available kernel": this backend cannot take the shapes
+            step.opt.zero_grad(set_to_none=True)
+            reason = str(e).split(". ")[0][:120]
+            report.add("attention", label, s.batch_size, notes=f"not run: {reason}")
+            continue
+        report.add("attention", label, s.batch_size, s.batch_size * plan.steps / seconds, flops,
+                   peak_memory_gib(plan.device))
 
 
 # ----------------------------------------------------------------------------- part 3 and 4
@@ -405,7 +443,8 @@ def run_parts(plan: Plan, report: Report, out: Path, parts: list[str], budget_s:
     """Run the parts in order; a failing part is a row, not the end. Returns the failures."""
     # Measured on one H200 (BENCHMARKS.md, "GPU"): step 210 s with compile (its 42 s of
     # compilation included), e2e 135 s, Tune 113 s, fine-tune and kNN about 90 s.
-    need_s = {"step": 160, "compile": 60, "profile": 30, "e2e": 140, "extras": 210}
+    need_s = {"step": 160, "compile": 60, "profile": 30, "attention": 40, "e2e": 140,
+              "extras": 210}
     t0, failed, found, e2e = time.perf_counter(), [], {}, None
     if "step" in parts:
         check_flop_count(report)
@@ -420,6 +459,8 @@ def run_parts(plan: Plan, report: Report, out: Path, parts: list[str], budget_s:
                 part_compile(plan, report, found)
             elif part == "profile":
                 part_profile(plan, report, out, found)
+            elif part == "attention":
+                part_attention(plan, report, found)
             elif part == "e2e":
                 e2e = part_e2e(plan, report, out)
             elif e2e is None:
@@ -443,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=600, help="skip parts that would not fit")
     # 8192: ViT-B/16 at r = 0.9 peaks at 68 GiB there on an H200; twice that would not fit.
     p.add_argument("--max-batch", type=int, default=8192, help="cap of the batch-size probe")
+    p.add_argument("--batch", type=int, default=None, help="the batch of the compile, profile "
+                   "and attention parts when the step part does not run (default: 1024)")
     args = p.parse_args(argv)
     import torch
 
@@ -455,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device (torch.cuda.is_available() is False); "
               "--dry-run runs every part on CPU at tiny sizes", file=sys.stderr)
         return 2
+    plan = replace(plan, fixed_batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = _common.machine()
     described, peak = gpu_description()

@@ -30,39 +30,15 @@ from typing import Any
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
 import torch.nn.functional as F
+from fmnist import MEAN, STD, load, random_resized_crops
 
 from micl.data.masking import patches_per_view
-from micl.data.sources import read_fashion_mnist
 from micl.evaluate import knn_top1
 from micl.models import MaskedViT
 from micl.models.vit import gather_tokens
 from micl.objectives.losses import micl_loss
-from micl.train import lr_at, param_groups, train_step
-
-MEAN, STD = 0.286, 0.353  # Fashion-MNIST, as in configs/fashion_mnist_quality.yaml
-
-
-def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [0, 1], [N, 1, 28, 28], and labels [N]."""
-    images, labels = read_fashion_mnist(None, split)
-    return (torch.from_numpy(images).unsqueeze(1).float().div(255),
-            torch.from_numpy(labels.astype("int64")))
-
-
-def random_resized_crops(x: torch.Tensor, scale_min: float, g: torch.Generator) -> torch.Tensor:
-    """x: [B, C, H, W] -> one random crop (area in [scale_min, 1], ratio in [3/4, 4/3]) per
-    image, flipped with p = 0.5, resized back to H x W and normalised: [B, C, H, W]."""
-    b = x.shape[0]
-    area = torch.empty(b).uniform_(scale_min, 1.0, generator=g)
-    ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g).exp()
-    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
-    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)  # centre, in [-1, 1] image units
-    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return (F.grid_sample(x, grid, align_corners=False) - MEAN) / STD
+from micl.schedule import lr_at
+from micl.train import param_groups, train_step
 
 
 class RecipeMiCL(torch.nn.Module):

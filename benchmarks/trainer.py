@@ -100,7 +100,8 @@ def run_plain(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from micl.objectives import build_objective
-    from micl.train import base_lr, build_optimizer, lr_at, to_device, train_step
+    from micl.schedule import lr_at
+    from micl.train import base_lr, build_optimizer, to_device, train_step
 
     cfg = make_config(args, tempfile.mkdtemp())
     torch.set_num_threads(cfg.run.torch_threads)

@@ -31,7 +31,9 @@ import torch
 
 from micl.config import Config, ConfigError, ModelConfig, config_from_params, from_dict
 from micl.models.export import (
+    TIMM_JSON,
     TIMM_NAMES,
+    TIMM_WEIGHTS,
     encoder_from_timm,
     model_from_timm_json,
     timm_kwargs,
@@ -42,7 +44,6 @@ from micl.tracking import mlflow_client
 from micl.tracking import tracking_uri as default_tracking_uri
 
 STATE_FILE = "state.pt"
-TIMM_WEIGHTS, TIMM_JSON = "encoder_timm.pth", "timm_model.json"
 
 
 # ----------------------------------------------------------------------------- training state

@@ -50,6 +50,7 @@ from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
 from micl.objectives import Objective, build_objective, import_plugins
 from micl.plots import masked_views_figure
+from micl.schedule import lr_at
 from micl.tracking import RunLogger, tracking_uri
 
 # ----------------------------------------------------------------------------- what a worker gets
@@ -164,15 +165,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, world: int, on_gpu: boo
     return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay),
                              lr=base_lr(cfg, world), betas=(cfg.optim.beta1, cfg.optim.beta2),
                              fused=on_gpu or None)
-
-
-def lr_at(epoch: float, peak_lr: float, warmup_epochs: float, epochs: int,
-          min_lr: float = 0.0) -> float:
-    """Per-step linear warmup, then half-cycle cosine to min_lr (epoch is fractional)."""
-    if epoch < warmup_epochs:
-        return peak_lr * epoch / warmup_epochs
-    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def steps_per_epoch(num_train: int, cfg: Config, world_size: int) -> int:

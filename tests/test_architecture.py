@@ -11,7 +11,7 @@ PACKAGE = ROOT / "micl"
 
 # Lower layers never import higher ones (same layer: allowed, as long as there is no cycle).
 LAYERS = [
-    ["micl.config"],
+    ["micl.config", "micl.schedule"],
     ["micl.data", "micl.models", "micl.tracking", "micl.console", "micl.plots"],
     ["micl.evaluate", "micl.artifacts"],
     ["micl.objectives"],
@@ -113,3 +113,31 @@ def test_the_training_loop_reads_as_named_steps():
     called = {n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call)
               and isinstance(n.func, ast.Name)}
     assert {"resume", "train_epoch", "close_epoch", "save_and_report"} <= called
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level packages a module imports at load time (function-local imports excluded)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_models_and_schedule_load_without_ray_or_mlflow():
+    """The model, the lr schedule and the IDX reader run where only torch and timm are
+    installed (benchmarks/supervised_probe.py on a bare GPU machine), so nothing they import,
+    directly or through other micl modules, may need Ray or MLflow."""
+    edges, paths = graph(), {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    roots = ["micl.models.classifier", "micl.models.export", "micl.schedule", "micl.data.idx"]
+    seen, todo = set(), list(roots)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += edges[module] | {m for m in ("micl", "micl.data", "micl.models")
+                                     if module.startswith(m + ".")}
+    heavy = {m: third_party_imports(paths[m]) & {"ray", "mlflow"} for m in seen}
+    assert not {m: h for m, h in heavy.items() if h}, heavy

@@ -19,6 +19,7 @@ from PIL import Image
 
 from micl.config import Config, ConfigError
 from micl.data.clock import epoch_clock
+from micl.data.idx import read_idx
 from micl.data.masking import patches_per_view
 from micl.data.prepare import write_parquet_shards
 from micl.data.sources import (
@@ -26,7 +27,6 @@ from micl.data.sources import (
     DataError,
     class_names,
     load_split,
-    read_idx,
     split_size,
     stable_sample_id,
     synthetic_images,

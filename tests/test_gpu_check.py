@@ -31,6 +31,11 @@ def test_the_gpu_check_dry_run_runs_every_part(ray_local, tmp_path):
     # The profile splits the step's time by kind of work; matrix products are among them.
     assert "matmul" in by_part["profile"][0][-1] and "ms per step" in by_part["profile"][0][-1]
     assert "Self CPU" in (tmp_path / "profile.txt").read_text()
+    # Each attention kernel either timed the step or said why it could not (CPU: no cuDNN).
+    kernels = {r[1].rsplit(", ", 1)[1]: r for r in by_part["attention"]}
+    assert set(kernels) == {"flash_attention", "efficient_attention", "cudnn_attention", "math"}
+    assert kernels["math"][3] > 0
+    assert all(r[3] > 0 or r[-1].startswith("not run") for r in kernels.values())
     e2e = by_part["e2e"][0]
     assert e2e[3] > 0 and "data wait" in e2e[-1] and "-bound" in e2e[-1]
     finetune, knn, tune = by_part["extras"]

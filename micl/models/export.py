@@ -24,6 +24,7 @@ import torch
 from micl.config import ModelConfig
 from micl.models.vit import MaskedViT
 
+TIMM_WEIGHTS, TIMM_JSON = "encoder_timm.pth", "timm_model.json"  # an exported encoder's files
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224",
               "vit_huge": "vit_huge_patch14_224", "vit_pico": "vit_tiny_patch16_224"}
