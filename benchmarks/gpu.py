@@ -19,9 +19,10 @@ MFU, peak memory. --compile hands train_step the torch.compile'd objective.
 FLOPs are counted analytically for the tokens actually processed (a multiply-add = 2 FLOPs):
 per view N = 1 + k tokens (k = patches per view = int(L (1 - r)) // 2); per block forward
 24 N D^2 (qkv, projection, 4x MLP) + 4 N^2 D (QK^T and AV); forward+backward = 3x forward; plus
-the patch embedding, which runs on all L patches of the image once for both views:
-2 L (p^2 C) D forward, and 2x that for forward+backward (the weight gradient only: the images
-need no gradient). Norms, softmax, the loss and the optimizer are not counted (MFU convention).
+the patch embedding of the 2k kept patches (`MaskedViT.embed_visible`; until 2026-12-04 the
+Conv2d ran on all L patches): 2 (2k) (p^2 C) D forward, and 2x that for forward+backward (the
+weight gradient only: the images need no gradient). Norms, softmax, the loss and the optimizer
+are not counted (MFU convention).
 `--check-flops` compares this count with torch.utils.flop_counter on a small model.
 Peak dense bf16 FLOP/s come from a table by GPU name (H100 SXM / H200 989 TF, H100 PCIe 756,
 A100 312, ...), or --peak-tflops.
@@ -112,7 +113,7 @@ def micl_flops_per_image(s: Setup) -> dict[str, float]:
     dim, depth, patches = s.dims()
     tokens = 1 + patches_per_view(patches, s.mask_ratio)
     blocks_fwd = 2 * depth * block_flops(tokens, dim)  # two views
-    embed_fwd = 2 * patches * (s.patch_size**2 * s.in_chans) * dim
+    embed_fwd = 2 * 2 * (tokens - 1) * (s.patch_size**2 * s.in_chans) * dim  # kept patches only
     return {"tokens_per_view": tokens, "forward": blocks_fwd + embed_fwd,
             "train": 3 * blocks_fwd + 2 * embed_fwd}
 
@@ -131,7 +132,7 @@ def mae_flops_per_image(s: Setup) -> dict[str, float]:
                + 2 * (1 + visible) * dim * dec.decoder_dim
                + dec.decoder_depth * block_flops(1 + patches, dec.decoder_dim)
                + 2 * (patches - visible) * dec.decoder_dim * pixels)
-    embed_fwd = 2 * patches * pixels * dim
+    embed_fwd = 2 * visible * pixels * dim  # the visible patches only
     return {"tokens_per_view": 1 + visible, "forward": net_fwd + embed_fwd,
             "train": 3 * net_fwd + 2 * embed_fwd}
 

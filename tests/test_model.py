@@ -4,6 +4,7 @@ from timm.models.vision_transformer import Attention
 
 from micl.config import ModelConfig
 from micl.models import MaskedViT, gather_tokens
+from micl.models.vit import patchify
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,23 @@ def test_view_equals_timm_blocks_by_hand():
     torch.testing.assert_close(v1, expected, rtol=1e-5, atol=1e-5)
     # The cls output does not depend on the order of the patches (no causal structure).
     torch.testing.assert_close(v2, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("chans", "img", "patch"), [(3, 224, 16), (3, 32, 8), (1, 28, 7)])
+def test_projecting_only_the_kept_patches_equals_the_convolution_over_all(chans, img, patch):
+    """The training path projects only the patches a view keeps (a Linear on the gathered
+    pixels); its tokens and the projection's gradient are those of the Conv2d over the whole
+    image, colour channels included."""
+    torch.manual_seed(0)
+    enc = MaskedViT(img, patch, chans, 48, 1, 4)
+    x = torch.randn(2, chans, img, img)
+    idx = torch.stack([torch.randperm(enc.num_patches)[:5] for _ in range(2)])
+    by_conv = gather_tokens(enc.embed_patches(x), idx)
+    (grad_conv,) = torch.autograd.grad(by_conv.square().sum(), enc.patch_embed.proj.weight)
+    kept = enc.embed_visible(patchify(x, patch), idx)
+    (grad_kept,) = torch.autograd.grad(kept.square().sum(), enc.patch_embed.proj.weight)
+    torch.testing.assert_close(kept, by_conv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_kept, grad_conv, rtol=1e-4, atol=1e-4)
 
 
 def test_gradients_reach_every_trainable_part_and_pos_embed_is_fixed():

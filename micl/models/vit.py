@@ -1,7 +1,9 @@
 """A ViT encoder that runs only the patches it is given (timm's PatchEmbed and Block).
 
-MiCL at r = 0.9 on 224/16 feeds the blocks 9 patch tokens + 1 cls token per view instead of
-197, which is where its speed comes from; this module makes that the normal path.
+MiCL at r = 0.9 on 224/16 feeds the blocks 10 patch tokens + 1 cls token per view instead of
+197, which is where its speed comes from; this module makes that the normal path, from the
+patch projection on: only the kept patches are projected (a GPU profile of a ViT-L/16 step at
+r = 0.9 found 10% of its time in a convolution over all 196 patches, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -32,6 +35,14 @@ def init_mae_weights(root: nn.Module) -> None:
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x: [B, L, D], idx: [B, k] -> [B, k, D] (the tokens of the kept patches)."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """images: [B, C, H, W] -> [B, L, C*p*p]: patches row by row over the grid, each patch's
+    pixels in the order of the patch projection's Conv2d weight [D, C, p, p]."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
 
 
 class MaskedViT(nn.Module):
@@ -75,6 +86,14 @@ class MaskedViT(nn.Module):
         """images: [B, C, H, W] -> patch tokens with position: [B, L, D]."""
         return self.patch_embed(images) + self.pos_embed
 
+    def embed_visible(self, pixels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """pixels: [B, L, C*p*p] (`patchify`), idx: [B, k] -> the kept patches' tokens with
+        position: [B, k, D], equal to gather_tokens(embed_patches(images), idx) at k / L of the
+        projection's cost (the Conv2d's weight used as a Linear on the gathered patches)."""
+        proj = self.patch_embed.proj
+        tokens = F.linear(gather_tokens(pixels, idx), proj.weight.flatten(1), proj.bias)
+        return tokens + self.pos_embed[0, idx]  # pos_embed[0, idx]: [B, k, D]
+
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, k, D] (already position-embedded) -> normed [B, 1 + k, D], cls first."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
@@ -86,19 +105,18 @@ class MaskedViT(nn.Module):
     def forward_features(self, images: torch.Tensor, idx: torch.Tensor | None = None
                          ) -> torch.Tensor:
         """All output tokens [B, 1 + k, D] for the patches in idx ([B, k]; None = all)."""
-        tokens = self.embed_patches(images)
-        if idx is not None:
-            tokens = gather_tokens(tokens, idx)
-        return self.forward_tokens(tokens)
+        if idx is None:
+            return self.forward_tokens(self.embed_patches(images))
+        return self.forward_tokens(self.embed_visible(patchify(images, self.patch_size), idx))
 
     def forward(self, images: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_features(images, idx)[:, 0]
 
     def forward_views(self, images: torch.Tensor, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """cls outputs [B, D] of several views of the same images, in one pass through the blocks
-        when the views have equal size (patch embedding is computed once)."""
-        tokens = self.embed_patches(images)
-        gathered = [gather_tokens(tokens, v) for v in views]
+        when the views have equal size (the images are cut into patches once)."""
+        pixels = patchify(images, self.patch_size)
+        gathered = [self.embed_visible(pixels, v) for v in views]
         if len({g.shape[1] for g in gathered}) == 1:
             out = self.forward_tokens(torch.cat(gathered, dim=0))[:, 0]  # [V*B, D]
             return list(out.chunk(len(views), dim=0))
