@@ -21,7 +21,7 @@ cut short keeps what it measured, and `--budget-s` skips the parts that would no
            copies and gathers, elementwise and reduction kernels, and with the GPU idle; the
            top kernels go to <out>/profile.txt. What to speed up next, when MFU falls short.
   attention the same eager step under each of torch's attention kernels (flash, memory-
-           efficient, cuDNN, math): MiCL's views are short (11 tokens at r = 0.9 for ViT-L/16,
+           efficient, cuDNN, math): MiCL's views are short (10 tokens at r = 0.9 for ViT-L/16,
            the cls token included), far below the 64-128-row tiles the fused kernels are
            built for, so which kernel wins there is measured, not assumed.
   e2e      a real pre-training (`run_pretraining`: Ray Data -> TorchTrainer on the GPU -> MLflow)

@@ -20,6 +20,7 @@ import time
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
+from micl.data.masking import patches_per_view
 from micl.models.vit import MaskedViT, gather_tokens, patchify
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--dim", type=int, default=1024, help="1024: ViT-L")
-    p.add_argument("--keep", type=float, default=0.1, help="share of patches kept (1 - r)")
+    p.add_argument("--mask-ratio", type=float, default=0.9)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -52,7 +53,7 @@ def main() -> None:
     enc = MaskedViT(a.img, a.patch, 3, a.dim, 1, 16).to(device, dtype)
     weight = enc.patch_embed.proj.weight
     x = torch.randn(a.batch, 3, a.img, a.img, device=device, dtype=dtype)
-    k = max(1, round(a.keep * enc.num_patches / a.views))  # patches per view
+    k = patches_per_view(enc.num_patches, a.mask_ratio)  # MiCL's: 9 of 196 at r = 0.9
     views = [torch.randint(0, enc.num_patches, (a.batch, k), device=device)
              for _ in range(a.views)]
 
@@ -76,7 +77,7 @@ def main() -> None:
             [["Conv2d over all patches, then gather", f"{1e3 * c:.1f}", "1.00"],
              ["gather the kept patches, then Linear", f"{1e3 * s:.1f}", f"{s / c:.2f}"]]),
         [f"{a.img}/{a.patch} images, width {a.dim}, {a.views} views of {k} patches "
-         f"({a.keep:.0%} kept), batch {a.batch}, {a.dtype} on {device}; "
+         f"(r = {a.mask_ratio}), batch {a.batch}, {a.dtype} on {device}; "
          f"{a.rounds} alternating rounds of 3 steps"])
 
 

@@ -167,7 +167,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_criterion(args: argparse.Namespace, device: torch.device):
-    """(images, labels) -> loss, after random erasing and Mixup/CutMix as asked (timm's)."""
+    """(net, images, labels) -> loss, after random erasing and Mixup/CutMix as asked (timm's)."""
     erase = RandomErasing(args.reprob, mode="pixel", device=device) if args.reprob else None
     mix = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, num_classes=10,
                 label_smoothing=args.label_smoothing) if args.mixup or args.cutmix else None

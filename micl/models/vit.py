@@ -1,6 +1,6 @@
 """A ViT encoder that runs only the patches it is given (timm's PatchEmbed and Block).
 
-MiCL at r = 0.9 on 224/16 feeds the blocks 10 patch tokens + 1 cls token per view instead of
+MiCL at r = 0.9 on 224/16 feeds the blocks 9 patch tokens + 1 cls token per view instead of
 197, which is where its speed comes from; this module makes that the normal path, from the
 patch projection on: only the kept patches are projected (a GPU profile of a ViT-L/16 step at
 r = 0.9 found 10% of its time in a convolution over all 196 patches, BENCHMARKS.md).
