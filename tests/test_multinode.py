@@ -86,6 +86,18 @@ class Node:
     log: Path
     tree: dict[int, int] = field(default_factory=dict)  # pid -> start time, at the last look
     node_id: str | None = None
+    raylet_started: bool = False  # its raylet made its sockets (so a raylet ran)
+
+    def raylet_alive(self) -> bool:
+        """Whether a raylet is among the node's processes now. `ray start --block` outlives a
+        raylet that dies at start (seen: `bind: Address already in use`, a port another node
+        took first), so the node's own process says nothing about it."""
+        for pid in process_tree(self.proc.pid):
+            with suppress(OSError):
+                argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+                if argv0.endswith(b"/raylet"):
+                    return True
+        return False
 
     def processes(self) -> dict[int, int]:
         """The node's processes now (workers come and go) plus every one seen before."""
@@ -123,8 +135,14 @@ class SimulatedCluster:
 
     def _wait(self, ready, node: Node, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
+        dead_since = None  # when its raylet, once started, was first seen gone
         while not ready():
-            if node.proc.poll() is not None or time.monotonic() > deadline:
+            if node.raylet_started and not node.raylet_alive():
+                dead_since = dead_since or time.monotonic()
+            else:
+                dead_since = None
+            if node.proc.poll() is not None or time.monotonic() > deadline or \
+                    (dead_since is not None and time.monotonic() - dead_since > 3):
                 raise RuntimeError(f"ray node {node.name} did not start:\n{node.log.read_text()}")
             time.sleep(0.5)
         node.processes()
@@ -147,7 +165,8 @@ class SimulatedCluster:
                           "--include-log-monitor", "false"]
         nodes = [self._start_alone(name, args[name]) for name in args]
         for i, node in enumerate(nodes):
-            try:  # healthy nodes register in 3-15 s here, 60 s on a machine busy with a run
+            try:  # healthy nodes register in 3-15 s here, 60 s on a machine busy with a run;
+                # a node whose raylet died at start is started again at once, not after 90 s
                 self._wait(lambda n=node: self.node_id(n.name) is not None, node, timeout=90)
             except RuntimeError:
                 self.keep_logs(f"failed-start-{node.name}")
@@ -179,6 +198,7 @@ class SimulatedCluster:
             new = {p.name for p in sockets.iterdir()} - before if sockets.exists() else set()
             if any(n.startswith("plasma_store") for n in new) and \
                     any(n.startswith("raylet") for n in new):
+                node.raylet_started = True
                 return node
             if node.proc.poll() is not None or time.monotonic() > deadline:
                 return node  # _wait reports (or retries) it
