@@ -39,10 +39,9 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """images: [B, C, H, W] -> [B, L, C*p*p]: patches row by row over the grid, each patch's
-    pixels in the order of the patch projection's Conv2d weight [D, C, p, p]."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    pixels in the order of the patch projection's Conv2d weight [D, C, p, p] (torch's unfold,
+    the im2col a stride-p convolution amounts to)."""
+    return F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # [B, C*p*p, L] -> [B, L, .]
 
 
 class MaskedViT(nn.Module):
