@@ -82,6 +82,11 @@ class DataConfig:
     synthetic_classes: int = 4
     max_bad_fraction: float = 0.1  # fail when more than this fraction of files is undecodable
     map_batch_size: int = 64  # rows per Ray Data map task
+    # Rows each training worker draws its batches from at random (Ray Data's local shuffle
+    # buffer): without it, a block's neighbouring rows form the same batches every epoch (a
+    # Parquet shard's rows, an in-memory set's), so MiCL meets the same negatives each epoch.
+    # 0: batches in stream order.
+    shuffle_buffer: int = 2048
     data_cpus: float = 1.0  # CPUs reserved by each Ray Data decode/mask task
     # Node labels the decode/mask tasks require (Ray's label_selector), e.g. {micl-role: data}
     # for the CPU-only nodes of cluster.yaml, so that the training nodes' CPUs feed their
@@ -237,6 +242,8 @@ def _validate_model(m: ModelConfig) -> None:
 def _validate_data(d: DataConfig) -> None:
     _positive("data.batch_size", d.batch_size)
     _positive("data.map_batch_size", d.map_batch_size)
+    if d.shuffle_buffer < 0:
+        raise _err("data.shuffle_buffer", d.shuffle_buffer, "must be >= 0 (0: no shuffle)")
     if not 0 < d.crop_scale_min <= d.crop_scale_max <= 1:
         raise _err("data.crop_scale_min", d.crop_scale_min,
                    "need 0 < crop_scale_min <= crop_scale_max <= 1")

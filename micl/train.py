@@ -46,6 +46,7 @@ from micl.console import (
 )
 from micl.data.clock import epoch_clock
 from micl.data.sources import DataError
+from micl.data.stream import shuffled_batches
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
 from micl.objectives import Objective, build_objective, import_plugins
@@ -468,9 +469,8 @@ def stream_batches(cfg: Config, w: Worker, state: TrainState, logger: RunLogger 
                    ) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of the training stream, on the device."""
     shard = ray.train.get_dataset_shard("train")
-    for i, raw in enumerate(shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2,
-            pin_memory=w.device.type == "cuda")):
+    for i, raw in enumerate(shuffled_batches(shard, cfg, prefetch_batches=2,
+                                             pin_memory=w.device.type == "cuda")):
         raw.pop("skipped", None)  # counted exactly by the clock instead
         if logger and i == 0 and state.epoch == 0:
             log_mask_picture(logger, raw, cfg)

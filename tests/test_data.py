@@ -19,7 +19,7 @@ from PIL import Image
 
 from micl.config import Config, ConfigError
 from micl.data.clock import epoch_clock
-from micl.data.idx import read_idx
+from micl.data.idx import read_fashion_mnist, read_idx
 from micl.data.masking import patches_per_view
 from micl.data.prepare import write_parquet_shards
 from micl.data.sources import (
@@ -31,7 +31,7 @@ from micl.data.sources import (
     stable_sample_id,
     synthetic_images,
 )
-from micl.data.stream import eval_stream, train_stream
+from micl.data.stream import eval_stream, shuffled_batches, train_stream
 from micl.data.transforms import (
     center_resize,
     crop_resize,
@@ -276,7 +276,9 @@ def test_fashion_mnist_loads(ray_local):
     head = train.limit(2000).take_batch(2000)
     assert head["image"].shape == (2000, 28, 28) and head["image"].dtype == np.uint8
     assert set(head["label"].tolist()) == set(range(10))
-    assert (head["sample_id"] == np.arange(2000)).all()
+    images, labels = read_fashion_mnist(None, "train")  # sample_id = row of the IDX file
+    assert (images[head["sample_id"]] == head["image"]).all()
+    assert (labels[head["sample_id"]] == head["label"]).all()
     cfg.data.limit_train, cfg.method.args["mask_ratio"] = 100, 0.75
     batch = collect(train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg)))
     assert batch["image"].shape == (100, 1, 28, 28) and batch["skipped"].sum() == 0
@@ -317,6 +319,26 @@ def test_train_stream_is_reproducible_per_epoch(ray_local, folder):
         assert (a[key] == b[key]).all(), key
     assert (a["sample_id"] == c["sample_id"]).all()
     assert not (a["view1"] == c["view1"]).all() and not (a["image"] == c["image"]).all()
+
+
+def test_each_epoch_mixes_new_batches_of_an_in_memory_set(ray_local):
+    """Fashion-MNIST sits in memory in file order: without a per-epoch block order and the
+    trainer's shuffle buffer, every epoch would train on the same batches in the same order
+    (for MiCL, the same negatives)."""
+    cfg = folder_cfg("", img_size=28, in_chans=1, source="fashion_mnist")
+    cfg.data.path, cfg.data.limit_train, cfg.data.batch_size = None, 2048, 64
+    if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"Debian package dataset-fashion-mnist not installed ({FASHION_MNIST_DIR})")
+    stream = train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg))
+    epochs = [[frozenset(b["sample_id"].tolist()) for b in shuffled_batches(stream, cfg)]
+              for _ in range(2)]
+    for batches in epochs:  # every sample once per epoch (the last partial batch dropped)
+        ids = [i for b in batches for i in b]
+        assert len(ids) == len(set(ids)) == 2048 // 64 * 64 and max(ids) < 2048
+    first, second = epochs
+    assert not set(first) & set(second)  # no batch of epoch 1 comes back in epoch 2
+    spans = [max(b) - min(b) for b in first]  # rows drawn from far apart, not one block
+    assert min(spans) > 8 * 64
 
 
 def test_the_helper_actors_of_a_fit_start_without_ray_data():

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from ray.data import RandomSeedConfig
 from ray.data.datasource import FileShuffleConfig
 
 from micl.config import Config, ConfigError
@@ -149,9 +150,10 @@ def load_split(cfg: Config, split: str, limit: int | None = None) -> ray.data.Da
     Columns: image (binary or uint8 array), label int64, sample_id int64, path string.
     At most `limit` samples (default: cfg.data.limit_train for the train split, all for
     others), a fixed subset chosen before any file is read (kNN banks of ImageNet stay cheap).
-    File sources shuffle the train split's file order per execution (seeded by run.seed), so
-    each epoch's batches mix classes; array sources are read in order (Fashion-MNIST is
-    already shuffled).
+    The train split comes in a new order each execution (each epoch), seeded by run.seed:
+    file sources shuffle their file order, in-memory sources their block order
+    (`epoch_block_order`); the trainer's shuffle buffer (data.shuffle_buffer) then mixes rows
+    across neighbouring blocks.
     """
     return source_for(cfg).load(cfg, split, _cap(cfg, split, limit))
 
@@ -279,6 +281,14 @@ def from_arrays(images: np.ndarray, labels: np.ndarray, map_batch_size: int = 64
     return ray.data.from_arrow([table.slice(i, rows) for i in range(0, n, rows)])
 
 
+def epoch_block_order(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
+    """`ds` with its blocks in a new random order each time it is executed (each epoch),
+    reproducible from run.seed: what a file source's shuffled file order does, for a dataset
+    held in memory (whose blocks would otherwise reach the trainer in one fixed order)."""
+    return ds.randomize_block_order(
+        seed=RandomSeedConfig(seed=cfg.run.seed, reseed_after_execution=True))
+
+
 @source("fashion_mnist")
 class FashionMNIST(Source):
     """Fashion-MNIST's IDX files under data.path (default: Debian's dataset-fashion-mnist),
@@ -295,7 +305,8 @@ class FashionMNIST(Source):
         images, labels = read_fashion_mnist(cfg.data.path, key)
         if cap:  # the files are already in random order
             images, labels = images[:cap], labels[:cap]
-        return from_arrays(images, labels, cfg.data.map_batch_size)
+        ds = from_arrays(images, labels, cfg.data.map_batch_size)
+        return epoch_block_order(ds, cfg) if key == "train" else ds
 
     @classmethod
     def location(cls, cfg: Config) -> str:
@@ -599,8 +610,10 @@ class Synthetic(Source):
                     "path": np.full(len(ids), "", dtype=object)}
 
         blocks = math.ceil(n / _array_rows_per_block(n, d.map_batch_size))
-        return ray.data.range(n, override_num_blocks=blocks).map_batches(
-            generate, batch_format="numpy", batch_size=None)
+        ids = ray.data.range(n, override_num_blocks=blocks)
+        if _is_train(cfg, split):  # the order of the ids, before any image is generated
+            ids = epoch_block_order(ids, cfg)
+        return ids.map_batches(generate, batch_format="numpy", batch_size=None)
 
     @classmethod
     def location(cls, cfg: Config) -> str:
