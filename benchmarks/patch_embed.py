@@ -21,7 +21,7 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
 from micl.data.masking import patches_per_view
-from micl.models.vit import MaskedViT, gather_tokens, patchify
+from micl.models.vit import MaskedViT, gather_tokens
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
@@ -62,8 +62,7 @@ def main() -> None:
         torch.autograd.grad(sum(gather_tokens(tokens, v).sum() for v in views), weight)
 
     def kept_only() -> None:
-        pixels = patchify(x, a.patch)
-        torch.autograd.grad(sum(enc.embed_visible(pixels, v).sum() for v in views), weight)
+        torch.autograd.grad(sum(enc.embed_visible(x, v).sum() for v in views), weight)
 
     conv, kept = [], []
     for _ in range(a.rounds):

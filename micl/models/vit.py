@@ -37,11 +37,16 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
-    """images: [B, C, H, W] -> [B, L, C*p*p]: patches row by row over the grid, each patch's
-    pixels in the order of the patch projection's Conv2d weight [D, C, p, p] (torch's unfold,
-    the im2col a stride-p convolution amounts to)."""
-    return F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # [B, C*p*p, L] -> [B, L, .]
+def gather_patches(images: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
+    """images: [B, C, H, W], idx: [B, k] (patch numbers, row by row over the grid) ->
+    the kept patches' pixels [B, k, C*p*p], each in the order of the patch projection's Conv2d
+    weight [D, C, p, p]. Reads only the kept patches: no copy of the whole image is made."""
+    B, C, H, W = images.shape
+    grid = images.view(B, C, H // p, p, W // p, p)  # [B, C, gh, p, gw, p], no copy
+    rows, cols = idx // (W // p), idx % (W // p)  # [B, k]
+    batch = torch.arange(B, device=images.device)[:, None]  # [B, 1]
+    # Advanced indices on dims 0, 2, 4, split by slices: their [B, k] comes first.
+    return grid[batch, :, rows, :, cols, :].reshape(B, idx.shape[1], C * p * p)
 
 
 class MaskedViT(nn.Module):
@@ -85,12 +90,13 @@ class MaskedViT(nn.Module):
         """images: [B, C, H, W] -> patch tokens with position: [B, L, D]."""
         return self.patch_embed(images) + self.pos_embed
 
-    def embed_visible(self, pixels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """pixels: [B, L, C*p*p] (`patchify`), idx: [B, k] -> the kept patches' tokens with
-        position: [B, k, D], equal to gather_tokens(embed_patches(images), idx) at k / L of the
+    def embed_visible(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """images: [B, C, H, W], idx: [B, k] -> the kept patches' tokens with position:
+        [B, k, D], equal to gather_tokens(embed_patches(images), idx) at k / L of the
         projection's cost (the Conv2d's weight used as a Linear on the gathered patches)."""
         proj = self.patch_embed.proj
-        tokens = F.linear(gather_tokens(pixels, idx), proj.weight.flatten(1), proj.bias)
+        pixels = gather_patches(images, idx, self.patch_size)  # [B, k, C*p*p]
+        tokens = F.linear(pixels, proj.weight.flatten(1), proj.bias)
         return tokens + self.pos_embed[0, idx]  # pos_embed[0, idx]: [B, k, D]
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -106,16 +112,15 @@ class MaskedViT(nn.Module):
         """All output tokens [B, 1 + k, D] for the patches in idx ([B, k]; None = all)."""
         if idx is None:
             return self.forward_tokens(self.embed_patches(images))
-        return self.forward_tokens(self.embed_visible(patchify(images, self.patch_size), idx))
+        return self.forward_tokens(self.embed_visible(images, idx))
 
     def forward(self, images: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_features(images, idx)[:, 0]
 
     def forward_views(self, images: torch.Tensor, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """cls outputs [B, D] of several views of the same images, in one pass through the blocks
-        when the views have equal size (the images are cut into patches once)."""
-        pixels = patchify(images, self.patch_size)
-        gathered = [self.embed_visible(pixels, v) for v in views]
+        when the views have equal size."""
+        gathered = [self.embed_visible(images, v) for v in views]
         if len({g.shape[1] for g in gathered}) == 1:
             out = self.forward_tokens(torch.cat(gathered, dim=0))[:, 0]  # [V*B, D]
             return list(out.chunk(len(views), dim=0))
