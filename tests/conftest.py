@@ -1,3 +1,4 @@
+import json
 import os
 import pathlib
 import sys
@@ -34,9 +35,16 @@ def micl_run(ray_local, pretrain_store):
     pre-training run: the MimCo teacher, the evaluated run, the fine-tuned encoder. It fits in
     local mode (run.num_workers = 0), as these tests inspect what the loop made, not how
     workers ran it (tests/test_multinode.py fits MiCL with workers, test_pipeline.py a
-    method of its own)."""
+    method of its own). A step hook records which samples each step trained on."""
     cfg = tiny_config(pretrain_store, "micl", "run.name=micl-teacher", "run.num_workers=0")
-    return cfg, run_pretraining(cfg)
+    steps = pretrain_store / "micl-steps.jsonl"  # [epoch, sample ids], one line per step
+
+    def record_batch(info) -> None:
+        ids = [int(i) for batch in info.batches for i in batch["sample_id"].tolist()]
+        with steps.open("a") as f:
+            f.write(json.dumps([info.epoch, ids]) + "\n")
+
+    return cfg, run_pretraining(cfg, hooks=[record_batch])
 
 
 @pytest.fixture
