@@ -82,9 +82,10 @@ class DataConfig:
     synthetic_classes: int = 4
     max_bad_fraction: float = 0.1  # fail when more than this fraction of files is undecodable
     map_batch_size: int = 64  # rows per Ray Data map task
-    # Rows each training worker draws its batches from at random (Ray Data's local shuffle
-    # buffer): without it, a block's neighbouring rows form the same batches every epoch (a
-    # Parquet shard's rows, an in-memory set's), so MiCL meets the same negatives each epoch.
+    # Each training worker mixes its batches within windows of this many consecutive rows
+    # (micl.train.mix_batches): without it, a block's neighbouring rows form the same batches
+    # every epoch (a Parquet shard's, an in-memory set's), so MiCL meets the same negatives
+    # each epoch. Costs a copy of each batch and this many rows of memory (300 MB at 224 px).
     # 0: batches in stream order.
     shuffle_buffer: int = 2048
     data_cpus: float = 1.0  # CPUs reserved by each Ray Data decode/mask task

@@ -46,7 +46,6 @@ from micl.console import (
 )
 from micl.data.clock import epoch_clock
 from micl.data.sources import DataError
-from micl.data.stream import shuffled_batches
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
 from micl.objectives import Objective, build_objective, import_plugins
@@ -469,12 +468,54 @@ def stream_batches(cfg: Config, w: Worker, state: TrainState, logger: RunLogger 
                    ) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of the training stream, on the device."""
     shard = ray.train.get_dataset_shard("train")
-    for i, raw in enumerate(shuffled_batches(shard, cfg, prefetch_batches=2,
-                                             pin_memory=w.device.type == "cuda")):
+    stream = shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
+                                      prefetch_batches=2, pin_memory=w.device.type == "cuda")
+    rng = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + state.epoch * 1_009 + w.rank)
+    for i, raw in enumerate(mix_batches(stream, cfg.data.shuffle_buffer, rng)):
         raw.pop("skipped", None)  # counted exactly by the clock instead
         if logger and i == 0 and state.epoch == 0:
             log_mask_picture(logger, raw, cfg)
         yield to_device(raw, cfg, w.device)
+
+
+def mix_batches(batches: Iterable[dict[str, torch.Tensor]], window_rows: int,
+                rng: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Equal-size batches ({column: [B, ...]}) -> the same rows in new batches of B, each
+    drawn at random from a window of about `window_rows` consecutive rows of the stream.
+
+    Why: a stream delivers rows in the order of its blocks, so neighbouring rows (a Parquet
+    shard's, an in-memory set's) would form the same batches every epoch; for MiCL, the same
+    negatives. Ray Data's own local shuffle buffer does this too, but at ~1,300 rows/s for
+    224-px images on one core; a torch gather over the window is a memory copy."""
+    window: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) * len(next(iter(batch.values()))) >= window_rows:
+            yield from _reshuffled(window, rng)
+            window = []
+    yield from _reshuffled(window, rng)  # the epoch's last, shorter window
+
+
+def _reshuffled(window: list[dict[str, torch.Tensor]], rng: torch.Generator
+                ) -> Iterator[dict[str, torch.Tensor]]:
+    """The window's rows in new batches of the same size: each row copied once, straight
+    into its new batch (grouped there by source batch: the order inside a batch is moot)."""
+    if len(window) < 2:  # nothing to mix with
+        yield from window
+        return
+    size = len(next(iter(window[0].values())))
+    picks = torch.randperm(size * len(window), generator=rng).view(len(window), size)
+    for pick in picks:  # pick: [size] row numbers of the window -> one new batch
+        pick = pick.sort().values  # grouped by source batch
+        counts = torch.bincount(pick // size, minlength=len(window)).tolist()
+        rows = (pick % size).split(counts)
+        out = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype) for k, v in window[0].items()}
+        start = 0
+        for source, take, n in zip(window, rows, counts, strict=True):
+            for k, v in out.items():
+                torch.index_select(source[k], 0, take, out=v[start:start + n])
+            start += n
+        yield out
 
 
 def epoch_metrics(sums: EpochSums, cfg: Config, spec: LoopSpec, state: TrainState, w: Worker

@@ -31,7 +31,7 @@ from micl.data.sources import (
     stable_sample_id,
     synthetic_images,
 )
-from micl.data.stream import eval_stream, shuffled_batches, train_stream
+from micl.data.stream import eval_stream, train_stream
 from micl.data.transforms import (
     center_resize,
     crop_resize,
@@ -41,6 +41,7 @@ from micl.data.transforms import (
     random_resized_crop_params,
 )
 from micl.objectives import stream_spec
+from micl.train import mix_batches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -330,8 +331,12 @@ def test_each_epoch_mixes_new_batches_of_an_in_memory_set(ray_local):
     if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
         pytest.skip(f"Debian package dataset-fashion-mnist not installed ({FASHION_MNIST_DIR})")
     stream = train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg))
-    epochs = [[frozenset(b["sample_id"].tolist()) for b in shuffled_batches(stream, cfg)]
-              for _ in range(2)]
+    def epoch(seed: int) -> list[frozenset[int]]:  # what the training loop iterates
+        batches = stream.iter_torch_batches(batch_size=64, drop_last=True)
+        return [frozenset(b["sample_id"].tolist()) for b in
+                mix_batches(batches, cfg.data.shuffle_buffer, torch.Generator().manual_seed(seed))]
+
+    epochs = [epoch(0), epoch(1)]
     for batches in epochs:  # every sample once per epoch (the last partial batch dropped)
         ids = [i for b in batches for i in b]
         assert len(ids) == len(set(ids)) == 2048 // 64 * 64 and max(ids) < 2048

@@ -25,6 +25,7 @@ from micl.train import (
     TrainState,
     checkpoint_state,
     grouped,
+    mix_batches,
     open_spec,
     seal_spec,
     timed,
@@ -60,6 +61,26 @@ def test_the_epoch_loss_averages_applied_steps_over_all_workers(tmp_path):
     # 4 applied steps in all: (1 + 1 + 1 + 3) / 4 = 1.5; the objective's metrics likewise.
     assert got["means"] == {"loss": pytest.approx(1.5), "loss_rec": pytest.approx(3.0)}
     assert got["steps"] == 4 and got["images"] == 32
+
+
+def test_mixed_batches_keep_every_row_once_and_its_columns_together():
+    """mix_batches regroups the rows of each window into new batches of the same size: no row
+    lost or repeated, each row's columns still belong to one sample, and rows from different
+    stream batches meet (the stream's own batches do not come back)."""
+    ids = torch.arange(10 * 8)
+    stream = [{"sample_id": ids[i:i + 8], "image": ids[i:i + 8, None].repeat(1, 3) * 2}
+              for i in range(0, len(ids), 8)]  # 10 batches of 8 neighbouring rows
+    out = list(mix_batches(stream, 32, torch.Generator().manual_seed(0)))
+    assert [len(b["sample_id"]) for b in out] == [8] * 10
+    assert sorted(torch.cat([b["sample_id"] for b in out]).tolist()) == ids.tolist()
+    for b in out:
+        assert torch.equal(b["image"], b["sample_id"][:, None].repeat(1, 3) * 2)
+    windows = [{int(i) // 32 for i in b["sample_id"]} for b in out]
+    assert all(len(w) == 1 for w in windows)  # within a window of 32 rows (4 batches) ...
+    originals = {frozenset(b["sample_id"].tolist()) for b in stream}
+    assert not originals & {frozenset(b["sample_id"].tolist()) for b in out}  # ... mixed
+    assert [b["sample_id"].tolist() for b in mix_batches(stream, 0, torch.Generator())] == \
+        [b["sample_id"].tolist() for b in stream]  # 0: the stream's order
 
 
 def test_no_applied_step_gives_nan_not_zero():

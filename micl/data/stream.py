@@ -28,7 +28,7 @@ data.max_bad_fraction is the training loop's job.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,17 +154,6 @@ def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: Stre
     batch_size = None if source_for(cfg).fuses_read else cfg.data.map_batch_size
     return ds.map_batches(mapper, batch_size=batch_size, batch_format="numpy",
                           **data_task_options(cfg))
-
-
-def shuffled_batches(stream: ray.data.Dataset | ray.data.DataIterator, cfg: Config,
-                     **options: Any) -> Iterator[dict[str, Any]]:
-    """A training stream (a worker's shard, or the Dataset) as torch batches of
-    data.batch_size rows, each drawn at random from a buffer of data.shuffle_buffer rows, so
-    that an epoch's batches are new mixes of samples; the last partial batch is dropped.
-    `options`: more iter_torch_batches arguments (prefetch_batches, pin_memory)."""
-    return iter(stream.iter_torch_batches(
-        batch_size=cfg.data.batch_size, drop_last=True,
-        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, **options))
 
 
 def label_subset(sample_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
