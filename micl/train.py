@@ -485,8 +485,9 @@ def mix_batches(batches: Iterable[dict[str, torch.Tensor]], window_rows: int,
 
     Why: a stream delivers rows in the order of its blocks, so neighbouring rows (a Parquet
     shard's, an in-memory set's) would form the same batches every epoch; for MiCL, the same
-    negatives. Ray Data's own local shuffle buffer does this too, but at ~1,300 rows/s for
-    224-px images on one core; a torch gather over the window is a memory copy."""
+    negatives. Ray Data's own local shuffle buffer does this too, but moves 224-px images at
+    0.09x the stream's rate; this costs about the one copy a step makes anyway (0.86x:
+    benchmarks/batch_mixing.py)."""
     window: list[dict[str, torch.Tensor]] = []
     for batch in batches:
         window.append(batch)

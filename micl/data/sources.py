@@ -152,8 +152,8 @@ def load_split(cfg: Config, split: str, limit: int | None = None) -> ray.data.Da
     others), a fixed subset chosen before any file is read (kNN banks of ImageNet stay cheap).
     The train split comes in a new order each execution (each epoch), seeded by run.seed:
     file sources shuffle their file order, in-memory sources their block order
-    (`epoch_block_order`); the trainer's shuffle buffer (data.shuffle_buffer) then mixes rows
-    across neighbouring blocks.
+    (`epoch_block_order`); each training worker then re-mixes its batches within
+    data.shuffle_buffer rows (`micl.train.mix_batches`).
     """
     return source_for(cfg).load(cfg, split, _cap(cfg, split, limit))
 
