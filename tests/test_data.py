@@ -323,14 +323,17 @@ def test_train_stream_is_reproducible_per_epoch(ray_local, folder):
 
 
 def test_each_epoch_mixes_new_batches_of_an_in_memory_set(ray_local):
-    """Fashion-MNIST sits in memory in file order: without a per-epoch block order and the
-    trainer's shuffle buffer, every epoch would train on the same batches in the same order
-    (for MiCL, the same negatives)."""
+    """Fashion-MNIST sits in memory in file order, in blocks of neighbouring rows: each epoch
+    puts the blocks in a new order, and the trainer re-mixes its batches within windows of
+    data.shuffle_buffer rows; otherwise every epoch would train on the same batches in the
+    same order (for MiCL, the same negatives)."""
     cfg = folder_cfg("", img_size=28, in_chans=1, source="fashion_mnist")
     cfg.data.path, cfg.data.limit_train, cfg.data.batch_size = None, 2048, 64
+    cfg.data.shuffle_buffer = 512  # a quarter of the set: 8 batches, 8 blocks of 64 rows
     if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
         pytest.skip(f"Debian package dataset-fashion-mnist not installed ({FASHION_MNIST_DIR})")
     stream = train_stream(load_split(cfg, "train"), cfg, 0, stream_spec(cfg))
+
     def epoch(seed: int) -> list[frozenset[int]]:  # what the training loop iterates
         batches = stream.iter_torch_batches(batch_size=64, drop_last=True)
         return [frozenset(b["sample_id"].tolist()) for b in
@@ -342,8 +345,10 @@ def test_each_epoch_mixes_new_batches_of_an_in_memory_set(ray_local):
         assert len(ids) == len(set(ids)) == 2048 // 64 * 64 and max(ids) < 2048
     first, second = epochs
     assert not set(first) & set(second)  # no batch of epoch 1 comes back in epoch 2
-    spans = [max(b) - min(b) for b in first]  # rows drawn from far apart, not one block
-    assert min(spans) > 8 * 64
+    # Each window holds blocks from all over the set (the block order), so every batch spans
+    # more ids than a window of neighbouring rows could (a fixed order: at most 511).
+    spans = [max(b) - min(b) for b in first + second]
+    assert min(spans) > cfg.data.shuffle_buffer, sorted(spans)[:4]
 
 
 def test_the_helper_actors_of_a_fit_start_without_ray_data():
