@@ -70,11 +70,14 @@ class Progress:
     elapsed_s: float  # since the phase began (the worker's clock: no skew across nodes)
     loss: float | None = None
     images_per_s: float | None = None
+    # The part of elapsed_s spent before the first unit of work (a stream's start): not a
+    # cost each later unit pays again, so the time left is extrapolated without it.
+    ramp_s: float = 0.0
 
     def seconds_left(self) -> float | None:
         if not self.total or not self.done:
             return None
-        return self.elapsed_s * (self.total - self.done) / self.done
+        return (self.elapsed_s - self.ramp_s) * (self.total - self.done) / self.done
 
 
 def format_duration(seconds: float) -> str:

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import pathlib
@@ -57,3 +58,37 @@ def toy_registered():
     OBJECTIVES.pop("toy_views", None)
     METHOD_ARGS.pop("toy_views")
     sys.modules.pop("toy_method", None)
+
+
+def machine_summary() -> str:
+    """The CPU a run's times belong to: the same suite can take twice as long on one 2-core
+    machine as on another, and the time budget is set for the slowest."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(info.get("flags", "").split())
+    has = {name: "yes" if flag in flags else "no"
+           for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_bf16"))}
+    return (f"machine: {info.get('model name', 'unknown CPU')} (family {info.get('cpu family')}"
+            f" model {info.get('model')}), {os.cpu_count()} cores, AVX-512 {has['AVX-512']}, "
+            f"AMX {has['AMX']}")
+
+
+MODULE_SECONDS: dict[str, float] = {}  # test file -> its tests' setup + call + teardown
+
+
+def pytest_runtest_logreport(report) -> None:
+    module = report.nodeid.split("::")[0]
+    MODULE_SECONDS[module] = MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Under the result: where the time went, by test file, and on what machine, so that
+    every run's log (CI's included) can be held to the suite's 12-minute budget and the
+    simulated cluster's 3 minutes."""
+    slowest = sorted(MODULE_SECONDS.items(), key=lambda kv: -kv[1])[:6]
+    terminalreporter.write_line("slowest files: " + ", ".join(
+        f"{pathlib.Path(name).name} {seconds:.0f} s" for name, seconds in slowest))
+    terminalreporter.write_line(machine_summary())

@@ -49,6 +49,9 @@ def test_progress_line_says_where_the_phase_stands():
     p = Progress("epoch 2/6", 110, 235, "steps", 22.0, loss=4.2104, images_per_s=598.4)
     assert progress_line(p) == ("[micl] epoch 2/6   46% 110/235 steps  loss 4.21  598 img/s  "
                                 "25s left")
+    # 20 s of it went by before the first step (the stream's start): not extrapolated
+    ramped = Progress("epoch 2/6", 110, 235, "steps", 22.0, ramp_s=20.0)
+    assert progress_line(ramped).endswith("  2s left")
     assert progress_line(Progress("kNN bank", 2048, None, "images", 1.0)) == \
         "[micl] kNN bank  2048 images"
     assert [format_duration(s) for s in (59.4, 61, 3725)] == ["59s", "1m01s", "1h02m"]
