@@ -30,14 +30,31 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` without an inst
 # ----------------------------------------------------------------------------- reporting
 
 
-def cpu_model() -> str:
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return info
+
+
+def cpu_model() -> str:
+    return cpu_info().get("model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_summary() -> str:
+    """Model, family/model numbers, cores and the instruction sets that move CPU timings most:
+    the same run can take twice as long on one 2-core machine as on another."""
+    info = cpu_info()
+    flags = set(info.get("flags", "").split())
+    has = {name: "yes" if flag in flags else "no"
+           for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_bf16"))}
+    return (f"{cpu_model()} (family {info.get('cpu family')} model {info.get('model')}), "
+            f"{os.cpu_count()} cores, AVX-512 {has['AVX-512']}, AMX {has['AMX']}")
 
 
 def gpu_name() -> str | None:

@@ -455,8 +455,8 @@ def show_step(loss: torch.Tensor | None, sums: EpochSums, cfg: Config, state: Tr
         return
     elapsed = time.perf_counter() - t0
     # Rate since the first batch arrived: the stream's start is paid once an epoch; counted
-    # in, it made the time left early in an epoch several times too long (3 min for the
-    # last minute of a Fashion-MNIST fine-tuning epoch).
+    # in, it made the time left early in an epoch several times too long (a Fashion-MNIST
+    # fine-tuning epoch showed 3 min left with about 1 min to go).
     busy = max(elapsed - sums.data_start, 1e-9)
     rate = sums.images * w.world / busy  # every worker takes equal batches
     value = float(loss) if loss is not None else None

@@ -1,4 +1,3 @@
-import contextlib
 import json
 import os
 import pathlib
@@ -13,6 +12,8 @@ from micl.objectives import OBJECTIVES
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "benchmarks"))  # for the benchmarks' own machine description
+from _common import cpu_summary  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,22 +61,6 @@ def toy_registered():
     sys.modules.pop("toy_method", None)
 
 
-def machine_summary() -> str:
-    """The CPU a run's times belong to: the same suite can take twice as long on one 2-core
-    machine as on another, and the time budget is set for the slowest."""
-    info: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first processor's
-    flags = set(info.get("flags", "").split())
-    has = {name: "yes" if flag in flags else "no"
-           for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_bf16"))}
-    return (f"machine: {info.get('model name', 'unknown CPU')} (family {info.get('cpu family')}"
-            f" model {info.get('model')}), {os.cpu_count()} cores, AVX-512 {has['AVX-512']}, "
-            f"AMX {has['AMX']}")
-
-
 MODULE_SECONDS: dict[str, float] = {}  # test file -> its tests' setup + call + teardown
 
 
@@ -91,4 +76,4 @@ def pytest_terminal_summary(terminalreporter) -> None:
     slowest = sorted(MODULE_SECONDS.items(), key=lambda kv: -kv[1])[:6]
     terminalreporter.write_line("slowest files: " + ", ".join(
         f"{pathlib.Path(name).name} {seconds:.0f} s" for name, seconds in slowest))
-    terminalreporter.write_line(machine_summary())
+    terminalreporter.write_line(f"machine: {cpu_summary()}")
