@@ -208,13 +208,21 @@ def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
                   hooks: Sequence[StepHook] = (), callbacks: list | None = None,
                   console_name: str | None = None) -> TorchTrainer:
     """A pre-training TorchTrainer for a checked and resolved cfg (see `check`, `resolve`)."""
+    spec, datasets = fit_inputs(cfg, run_name, mlflow_run_id, hooks, console_name)
+    return torch_trainer(train_loop_per_worker, spec, cfg, run_name, datasets, ["train"],
+                         callbacks)
+
+
+def fit_inputs(cfg: Config, run_name: str, mlflow_run_id: str | None,
+               hooks: Sequence[StepHook] = (), console_name: str | None = None
+               ) -> tuple[LoopSpec, dict[str, ray.data.Dataset]]:
+    """What a pre-training loop runs on, wherever it runs: its spec, and its datasets (the
+    training stream, the kNN bank and queries). Logs the training data to the run."""
     train, num_train = train_set(cfg)
     log_training_data(cfg, mlflow_run_id, num_train)
     spec = loop_spec(cfg, run_name, num_train, mlflow_run_id, hooks, console_name)
-    datasets = {"train": train_stream(train, cfg, spec.clock_name, objectives.stream_spec(cfg)),
-                **knn_sets(cfg)}
-    return torch_trainer(train_loop_per_worker, spec, cfg, run_name, datasets, ["train"],
-                         callbacks)
+    return spec, {"train": train_stream(train, cfg, spec.clock_name,
+                                        objectives.stream_spec(cfg)), **knn_sets(cfg)}
 
 
 def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | None,
@@ -267,11 +275,12 @@ def root_cause(error: BaseException) -> str:
     return text[-1] if text else type(seen).__name__
 
 
-def fit_tracked(build: Callable[[], TorchTrainer], logger: RunLogger | None) -> ray.train.Result:
-    """Build and fit a trainer; the MLflow run ends FINISHED or FAILED either way (a data error
-    found while building included). A check failing while building raises as it is; any
-    failure of the fit becomes one readable PretrainError, whether Ray wrapped it (workers) or
-    not (local mode, run.num_workers = 0, where the loop runs in this process)."""
+def fit_tracked(build: Callable[[], Any], logger: RunLogger | None) -> Any:
+    """Build and fit a trainer (a TorchTrainer, or anything with `fit()`: a Tune trial's own
+    fit); the MLflow run ends FINISHED or FAILED either way (a data error found while
+    building included). A check failing while building raises as it is; any failure of the
+    fit becomes one readable PretrainError, whether Ray wrapped it (workers) or not (local
+    mode, run.num_workers = 0, or a trial, where the loop runs in this process)."""
     trainer, threads = None, torch.get_num_threads()  # local mode sets run.torch_threads here
     try:
         trainer = build()

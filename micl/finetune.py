@@ -157,7 +157,7 @@ def evaluate_classifier(net: nn.Module, cfg: Config, w: Worker) -> dict[str, flo
     """Top-1 / top-5 / loss on the val split, each worker its shard, summed over workers."""
     net.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=w.device)  # top1, top5, loss, n
-    for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256):
+    for batch in w.host.shard("val").iter_torch_batches(batch_size=256):
         x = normalize(batch["image"].to(w.device), cfg.data.mean, cfg.data.std)
         y = batch["label"].to(w.device)
         with torch.autocast(w.device.type, dtype=w.autocast_dtype,

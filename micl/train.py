@@ -100,6 +100,61 @@ def open_spec(loop_config: dict[str, bytes]) -> Any:
     return pickle.loads(loop_config[SEALED_SPEC])
 
 
+class RayTrainHost:
+    """Where the loop asks for its rank, device, data, checkpoint and reports: a Ray Train
+    worker, or Ray Train's local mode (run.num_workers = 0: the loop in the driver)."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self) -> ray.train.Checkpoint | None:
+        return ray.train.get_checkpoint()
+
+    def shard(self, name: str) -> Any:  # a DataIterator, or the Dataset in local mode
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, cfg: Config,
+               run_dir: str) -> None:
+        """ray.train.report (a barrier on every rank). Local mode keeps no checkpoint, so
+        there it is persisted to the run here."""
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = persist_checkpoint(checkpoint_dir, run_dir, cfg.run.keep_last) \
+                if cfg.run.num_workers == 0 else ray.train.Checkpoint.from_directory(checkpoint_dir)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+@dataclass
+class TrialHost:
+    """The loop in the process of a Tune trial with one worker (micl.tune): no Ray Train
+    controller and worker processes to start, and Ray Train's API is closed inside a Tune
+    trial anyway. Checkpoints persist to the run directory as in local mode, where a
+    restarted trial resumes from them; each epoch's metrics go to `report_to` (Tune's)."""
+
+    datasets: dict[str, Any]  # name -> ray.data.Dataset: the stream and the kNN sets
+    report_to: Callable[[dict[str, Any]], None]
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    def checkpoint(self) -> None:
+        return None  # resume() finds the run's latest on storage
+
+    def shard(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, cfg: Config,
+               run_dir: str) -> None:
+        if checkpoint_dir is not None:
+            persist_checkpoint(checkpoint_dir, run_dir, cfg.run.keep_last)
+        self.report_to(metrics)
+
+
+Host = RayTrainHost | TrialHost
+
+
 @dataclass
 class Worker:
     rank: int
@@ -107,6 +162,7 @@ class Worker:
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on GPU, none (fp32) on CPU
     console: Console  # rank 0's lines and progress (the other ranks': warnings only)
+    host: Host  # Ray Train's worker, or a Tune trial's own process
 
 
 @dataclass
@@ -120,22 +176,21 @@ class TrainState:
     restarts: int = 0  # restarts of this fit (not restored: counted per start)
 
 
-def worker_context(cfg: Config, spec: LoopSpec) -> Worker:
+def worker_context(cfg: Config, spec: LoopSpec, host: Host | None = None) -> Worker:
     import_plugins(cfg)  # methods defined outside micl register on import
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
+    host = host or RayTrainHost()
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.manual_seed(cfg.run.seed)
-    rank = ctx.get_world_rank()
+    rank = host.rank
     every_s = min(1.0, cfg.run.progress_every_s)
     console = relay_console(spec.console_name, every_s) if spec.console_name else \
         printing_console() if rank == 0 else silent_console()
     if spec.console_name and cfg.run.num_workers > 0:  # a worker process: Ray's channel is shut
         relay_warnings(console)
-    return Worker(rank, ctx.get_world_size(), device,
-                  torch.bfloat16 if device.type == "cuda" else None, console)
+    return Worker(rank, host.world, host.device,
+                  torch.bfloat16 if host.device.type == "cuda" else None, console, host)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -250,7 +305,7 @@ def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, spec: LoopSpec, w
     if w.world > 1:
         dist.broadcast_object_list(restarts, src=0)
     state = TrainState(restarts=restarts[0])
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = w.host.checkpoint()
     if checkpoint is None:
         # What Ray Train does not know of, storage may hold: a checkpoint reported less than
         # Ray Train's 2 s poll before a worker died, and every checkpoint of a fit in local
@@ -281,16 +336,14 @@ def checkpoint_state(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Co
 
 def report(metrics: dict[str, Any], cfg: Config, spec: LoopSpec, w: Worker,
            payload: dict[str, Any] | None) -> None:
-    """ray.train.report on every rank (a barrier); rank 0 attaches `payload` as the
-    checkpoint's state file when given. Ray Train's local mode (run.num_workers = 0: the loop
-    in the driver process) keeps no checkpoint, so there it is persisted to the run here."""
+    """Report on every rank (a barrier with workers); rank 0 attaches `payload` as the
+    checkpoint's state file when given."""
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
+        checkpoint_dir = None
         if w.rank == 0 and payload is not None:
             save_state(Path(tmp) / STATE_FILE, payload)
-            ckpt = persist_checkpoint(tmp, spec.run_dir, cfg.run.keep_last) \
-                if cfg.run.num_workers == 0 else ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+            checkpoint_dir = tmp
+        w.host.report(metrics, checkpoint_dir, cfg, spec.run_dir)
 
 
 def save_and_report(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
@@ -472,9 +525,9 @@ def show_step(loss: torch.Tensor | None, sums: EpochSums, cfg: Config, state: Tr
 def stream_batches(cfg: Config, w: Worker, state: TrainState, logger: RunLogger | None
                    ) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of the training stream, on the device."""
-    shard = ray.train.get_dataset_shard("train")
-    stream = shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
-                                      prefetch_batches=2, pin_memory=w.device.type == "cuda")
+    stream = w.host.shard("train").iter_torch_batches(
+        batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2,
+        pin_memory=w.device.type == "cuda")
     rng = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + state.epoch * 1_009 + w.rank)
     for i, raw in enumerate(mix_batches(stream, cfg.data.shuffle_buffer, rng)):
         raw.pop("skipped", None)  # counted exactly by the clock instead
@@ -588,7 +641,7 @@ KNN_PHASES = {"knn_bank": "kNN bank", "knn_query": "kNN queries"}
 def evaluate_knn(encoder: torch.nn.Module, cfg: Config, w: Worker) -> float:
     """Weighted kNN top-1 of the encoder's cls features: the `knn_bank` and `knn_query` sets."""
     def features(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = w.console.track(ray.train.get_dataset_shard(name).iter_torch_batches(
+        batches = w.console.track(w.host.shard(name).iter_torch_batches(
             batch_size=512, prefetch_batches=2), KNN_PHASES[name], lambda b: len(b["label"]))
         return extract_features(encoder, batches, cfg.data.mean, cfg.data.std, w.device,
                                 w.autocast_dtype)
@@ -637,10 +690,10 @@ def log_mask_picture(logger: RunLogger, batch: dict[str, torch.Tensor], cfg: Con
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop_per_worker(loop_config: dict[str, bytes]) -> None:
+def train_loop_per_worker(loop_config: dict[str, bytes], host: Host | None = None) -> None:
     spec: LoopSpec = open_spec(loop_config)
     cfg = from_dict(spec.config)
-    w = worker_context(cfg, spec)
+    w = worker_context(cfg, spec, host)
     objective = build_objective(cfg)
     opt = build_optimizer(objective, cfg, w.world, w.device.type == "cuda")
     state = resume(objective, opt, spec, w)

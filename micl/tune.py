@@ -1,7 +1,11 @@
 """Ray Tune over the pre-training pipeline (Ray Train V2 style).
 
-Each trial is a function that builds and fits a `TorchTrainer` for its config; the trainer's
-reports reach Tune through `TuneReportCallback`. Trials are ranked by a downstream metric
+A trial with one worker (run.num_workers = 1) runs the training loop in the trial's own
+process, which holds the worker's resources (its CPUs, GPU share and run.worker_resources)
+and reports each epoch to Tune itself: it starts no Ray Train controller, worker and helper
+processes, about 15 s of every tiny trial on 2 cores (BENCHMARKS.md). A trial with several
+workers builds and fits a `TorchTrainer`, whose reports reach Tune through
+`TuneReportCallback`. Trials are ranked by a downstream metric
 (`knn_top1`), never by the contrastive loss: losses at different temperatures don't compare.
 With `rank_by: linear_top1` each trial that trained every epoch is linear-probed at the end of
 the search and the search ranks by that, while ASHA keeps stopping trials on the per-epoch kNN.
@@ -16,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
+from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from micl.artifacts import latest_checkpoint_on_storage
@@ -26,6 +32,7 @@ from micl.driver import (
     check,
     connect_ray,
     evaluate_run,
+    fit_inputs,
     fit_tracked,
     resolve,
     worker_resources,
@@ -37,6 +44,7 @@ from micl.tracking import (
     source_tags,
     start_or_resume_run,
 )
+from micl.train import TrialHost, seal_spec, train_loop_per_worker
 from micl.tune_space import SearchSpace, apply_trial_params
 
 SEARCH_TAG = "micl.search"  # the search name, on the parent and on every trial
@@ -92,6 +100,33 @@ def _search_alg(space: SearchSpace, concurrency: int, seed: int):
     return tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
 
 
+def in_trial_process(cfg: Config) -> bool:
+    """Whether a trial of cfg trains in its own process (one worker) or through Ray Train."""
+    return cfg.run.num_workers == 1
+
+
+def trial_resources(cfg: Config) -> PlacementGroupFactory:
+    """What a trial's own process holds: the worker's resources when it trains there; else
+    nothing but a little memory (Ray rejects an empty request), its workers hold the rest."""
+    if in_trial_process(cfg):
+        return PlacementGroupFactory([worker_resources(cfg)])
+    return PlacementGroupFactory([{"memory": 64 * 2**20}])
+
+
+@dataclass
+class TrialFit:
+    """The fit of a one-worker trial, in the trial's process (see `fit_tracked`)."""
+
+    cfg: Config
+    run_id: str
+
+    def fit(self) -> None:
+        spec, datasets = fit_inputs(self.cfg, self.cfg.run.name, self.run_id)
+        device = torch.device("cuda", 0) if self.cfg.run.use_gpu else torch.device("cpu")
+        # Ray gives the trial's process its own GPU(s) as cuda:0 (CUDA_VISIBLE_DEVICES).
+        train_loop_per_worker(seal_spec(spec), TrialHost(datasets, tune.report, device))
+
+
 def make_trainable(base: Config, search_name: str, parent_run_id: str):
     source = source_tags()  # the driver's script and commit (a trial runs in a Ray worker)
 
@@ -105,8 +140,8 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str):
                                      tags={**source, ROLE_TAG: "trial", SEARCH_TAG: search_name,
                                            "micl.trial_id": trial_id})
         # The trial's run ends FAILED when building or fitting fails, not left RUNNING.
-        fit_tracked(lambda: build_trainer(cfg, cfg.run.name, run_id,
-                                          callbacks=[TuneReportCallback()]),
+        fit_tracked(lambda: TrialFit(cfg, run_id) if in_trial_process(cfg) else
+                    build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()]),
                     RunLogger(cfg.run.tracking_uri, run_id))
 
     return train_trial
@@ -160,8 +195,9 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
     path = f"{root.rstrip('/')}/{name}"
     restoring = tune.Tuner.can_restore(path)
     parent = _parent_run(base, name, space, resume=restoring)
-    trainable = tune.with_resources(make_trainable(base, name, parent),
-                                    {"cpu": 0, "memory": 64 * 2**20})
+    trainable = tune.with_resources(
+        make_trainable(base, name, parent),
+        lambda params: trial_resources(apply_trial_params(base, params)))
     concurrency = concurrent_trials(base, space)
     if restoring:
         print(f"[micl] resuming search {name} from {path}")
@@ -176,7 +212,12 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
                 # the search algorithm carries the concurrency limit: TuneConfig's own
                 # would be ignored, with a warning on the user's console
                 search_alg=_search_alg(space, concurrency, base.run.seed)),
-            run_config=tune.RunConfig(name=name, storage_path=root, verbose=1),
+            # A trial that trains in its own process is retried by Tune, as Ray Train would
+            # retry its worker group; it resumes from its last checkpoint on storage.
+            run_config=tune.RunConfig(name=name, storage_path=root, verbose=1,
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=base.run.max_failures
+                                          if in_trial_process(base) else 0)),
         )
     results = tuner.fit()
     _close_stopped_children(uri, parent, base.run.experiment,

@@ -176,13 +176,14 @@ def parse_space(raw: Any, base: Config | None = None, source: str = "<search spa
 
 
 def _check_trial_workers(source: str, base: Config, space: SearchSpace) -> None:
-    """A trial reports each epoch to Tune through Ray Train's controller; local mode
-    (run.num_workers = 0) runs the loop without one, so the scheduler would see nothing."""
+    """Ray Train's local mode (run.num_workers = 0) cannot run inside a Tune trial (Ray
+    closes Ray Train's API there); one worker is the lightest trial: it trains in the trial's
+    own process (micl.tune)."""
     spec = space.params.get("run.num_workers")
     values = next(iter(spec.values())) if spec else [base.run.num_workers]
     if min(values) < 1:
-        raise _space_err(source, "run.num_workers", "trials need at least 1 worker: local mode "
-                                                    "(0) reports nothing to Tune")
+        raise _space_err(source, "run.num_workers", "trials need at least 1 worker (with 1, a "
+                                                    "trial trains in its own process)")
 
 
 def apply_trial_params(base: Config, params: dict[str, Any]) -> Config:

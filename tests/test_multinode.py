@@ -16,7 +16,8 @@ module; every run reaches it through `ray job submit --working-dir`, as a user's
   comes back while the restarted group redoes epoch 2 (one warning each way; every metric value
   arrives). The upload holds the code, not the virtualenv or local runs.
 - A Tune search runs its two trials side by side, one on each trainer node, nested under their
-  parent run on the server.
+  parent run on the server. Each trial has one worker, so it trains in its own process, which
+  holds the trainer resource (micl.tune): no Ray Train worker starts.
 
 Wherever a run's decode/mask tasks ran, the state API says so: on the data nodes only.
 Processes are stopped by pid, never with `ray stop` (see tests/test_cluster.py).
@@ -416,13 +417,15 @@ def where_it_ran(env: Env, job: Job) -> tuple[set[str], dict[str, set[str]]]:
     return live_workers(env, job, alive_only=False), mappers
 
 
-def live_workers(env: Env, job: Job, alive_only: bool = True) -> set[str]:
-    """Node ids of the job's training workers (alive now, or ever)."""
+def live_workers(env: Env, job: Job, alive_only: bool = True,
+                 class_name: str = "RayTrainWorker") -> set[str]:
+    """Node ids of the job's training workers (alive now, or ever); with `class_name`
+    "ImplicitFunc", of its Tune trials' own processes."""
     from ray.util.state import list_actors
 
     alive = [("state", "=", "ALIVE")] if alive_only else []
     return {a.node_id for a in job_state(env, job, list_actors,
-                                         ("class_name", "=", "RayTrainWorker"), *alive)}
+                                         ("class_name", "=", class_name), *alive)}
 
 
 def check_data_nodes_only(mappers: dict[str, set[str]], data: set[str]) -> None:
@@ -588,9 +591,12 @@ def test_a_search_runs_its_trials_side_by_side_on_the_trainer_nodes(env):
                      "--out", str(env.root / "compare"))
         job.wait()
         workers, mappers = where_it_ran(env, job)
+        trials = live_workers(env, job, alive_only=False, class_name="ImplicitFunc")
     assert "WARNING tune.py" not in job.text(), job.text()[-4000:]  # Tune minds how it is called
-    # one trial on each of two trainer nodes (whichever two are up)
-    assert len(workers) == 2 and workers <= env.node_ids(env.trainers), workers
+    # One trial on each of two trainer nodes (whichever two are up). A one-worker trial
+    # trains in its own process, which holds the worker's resources: no Ray Train worker.
+    assert len(trials) == 2 and trials <= env.node_ids(env.trainers), trials
+    assert not workers, workers
     check_data_nodes_only(mappers, env.node_ids(env.data))
     client = MlflowClient(env.server.url)
     exp = client.get_experiment_by_name("micl-cluster-search")

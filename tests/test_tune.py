@@ -53,9 +53,9 @@ def search(ray_local, tmp_path_factory):
         yield base, space, result, tmp
 
 
-def children(result):
+def children(result, experiment: str = "micl-tune-test"):
     client = MlflowClient(result.tracking_uri)
-    exp = client.get_experiment_by_name("micl-tune-test")
+    exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id],
                               f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
 
@@ -157,3 +157,29 @@ def test_cli_search_where_no_trial_scores_says_why_and_exits_1(ray_local, tmp_pa
     trials = client.search_runs([parents[0].info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert [t.info.status for t in trials] == ["FAILED"]  # not left RUNNING
+
+
+def test_a_one_worker_trial_that_fails_is_retried_from_its_checkpoint(ray_local, tmp_path,
+                                                                      toy_registered):
+    """A one-worker trial trains in its own process; when that fails (here a planned error
+    in epoch 2, tests/toy_method.py), Tune starts the trial again (run.max_failures = 1) and
+    the new process resumes from the epoch-1 checkpoint on storage, in the same MLflow run."""
+    marker = tmp_path / "failed-once"
+    base = tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=64",
+                       "method.name=toy_views", "run.import_modules=[toy_method]",
+                       "method.fail_at_step=12", f"method.fail_marker={marker}",
+                       "run.num_workers=1", "run.cpus_per_worker=1", "run.max_failures=1",
+                       "optim.epochs=2", "run.experiment=micl-tune-retry")
+    space = parse_space({"params": {"method.logit_scale": {"grid": [10.0]}},
+                         "scheduler": "fifo"}, base=base)
+    result = run_search(base, space, name="retried")
+    assert marker.exists()  # epoch 2 (steps 9-16) failed once
+    [trial] = result.trials
+    assert trial["error"] is None and trial["epochs"] == 2, trial
+    client = MlflowClient(result.tracking_uri)
+    [run] = children(result, "micl-tune-retry")
+    assert run.info.status == "FINISHED"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2]  # epoch 1 not trained (or logged) again
+    steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "step")}
+    assert steps == {1: 8, 2: 16}  # optimizer steps done after each epoch (8 an epoch)

@@ -9,7 +9,7 @@ import pytest
 
 from micl.config import Config, ConfigError, load_config
 from micl.driver import check
-from micl.tune import concurrent_trials
+from micl.tune import concurrent_trials, trial_resources
 from micl.tune_space import SearchSpace, apply_trial_params, load_space, parse_space
 from pipelines.tune import DEFAULT_CONFIG as TUNE_DEFAULT_CONFIG
 
@@ -130,7 +130,7 @@ def test_values_are_checked_against_the_base_config():
 
 
 def test_trials_need_ray_train_workers():
-    """Local mode (run.num_workers = 0) has no controller to report a trial's epochs to Tune."""
+    """Ray Train's local mode (run.num_workers = 0) cannot run inside a Tune trial."""
     text = {"params": {"method.mask_ratio": {"grid": [0.75, 0.9]}}}
     with pytest.raises(ConfigError, match="run.num_workers: trials need at least 1 worker"):
         parse_space(text, base=load_config(flat_overrides={"run.num_workers": 0}))
@@ -235,3 +235,15 @@ def test_trials_fit_the_workers_custom_resources(workers, trainer_nodes, expecte
                                  "run.worker_resources={trainer: 1}"])
     space = parse_space({"params": {"method.mask_ratio": {"grid": [0.5, 0.6, 0.75, 0.9]}}}, cfg)
     assert concurrent_trials(cfg, space, {"CPU": 16, "trainer": trainer_nodes}) == expected
+
+
+def test_a_one_worker_trial_holds_the_workers_resources():
+    """A one-worker trial trains in its own process, so that process asks for what the
+    worker would (Tune places it by them: a GPU share, a trainer node); a trial with more
+    workers leaves them to its TorchTrainer's workers."""
+    gpu = ["run.use_gpu=true", "run.gpus_per_worker=0.5", "run.cpus_per_worker=2",
+           "run.worker_resources={trainer: 1}"]
+    one = load_config(overrides=gpu)
+    assert trial_resources(one).bundles == [{"CPU": 2.0, "trainer": 1.0, "GPU": 0.5}]
+    two = load_config(overrides=[*gpu, "run.num_workers=2"])
+    assert trial_resources(two).bundles == [{"memory": 64 * 2**20}]

@@ -5,6 +5,7 @@ pipeline imports this module on the driver and the workers through `run.import_m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,10 @@ from micl.objectives.losses import info_nce
 class ToyArgs(MethodArgs):
     mask_ratio: float = 0.5
     logit_scale: float = 10.0  # this method's own field: cosine logits times this
+    # A fault a test plans: the first process to reach this optimizer step raises there, and
+    # creates the marker file, so that the run's next attempt (a restart) goes past it.
+    fail_at_step: int = 0  # 0: never
+    fail_marker: str = ""
 
     def check(self, cfg: Config) -> None:
         if not isinstance(self.logit_scale, int | float) or not self.logit_scale > 0:
@@ -29,7 +34,8 @@ class ToyArgs(MethodArgs):
 class ToyViews(Objective):
     """A method defined outside micl (one class + its Args): InfoNCE between two disjoint
     views; `after_step` counts optimizer steps in a buffer (where a momentum teacher would
-    update), so the test can see the hook ran once per step."""
+    update), so the test can see the hook ran once per step, and raises once where a test
+    plans a failure (`fail_at_step`)."""
 
     Args = ToyArgs
 
@@ -48,5 +54,9 @@ class ToyViews(Objective):
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_seen += 1
+        marker = Path(self.args.fail_marker)
+        if step == self.args.fail_at_step and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"toy_views: the planned failure at step {step}")
 
 
