@@ -1,9 +1,11 @@
-"""The one training loop: `train_loop_per_worker(spec)` for ray.train.torch.TorchTrainer.
+"""The one training loop: `train_loop_per_worker(spec)` for ray.train.torch.TorchTrainer, or in
+the process of a one-worker Tune trial (`TrialHost`; micl.tune).
 
 Every method trains here; a method is `objective(batch) -> (loss, metrics)` plus an optional
 `after_step`. Each epoch: set the epoch clock (the data stream seeds crops and masks from it),
 train on this worker's shard one `train_step` at a time, sum the loss and the method's metrics
-over all workers, evaluate kNN on rank 0, checkpoint, report to Ray Train, log to MLflow.
+over all workers, evaluate kNN on rank 0, checkpoint, report (to Ray Train or Tune), log to
+MLflow.
 
 The pieces that are not about pre-training (`resume`, `save_and_report`, `run_logger`,
 `train_step`) take any module and optimizer, so a fine-tuning loop reuses them.
