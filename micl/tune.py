@@ -3,7 +3,7 @@
 A trial with one worker (run.num_workers = 1) runs the training loop in the trial's own
 process, which holds the worker's resources (its CPUs, GPU share and run.worker_resources)
 and reports each epoch to Tune itself: it starts no Ray Train controller, worker and helper
-processes, about 15 s of every tiny trial on 2 cores (BENCHMARKS.md). A trial with several
+processes, about 14 s of every tiny trial on 2 cores (BENCHMARKS.md). A trial with several
 workers builds and fits a `TorchTrainer`, whose reports reach Tune through
 `TuneReportCallback`. Trials are ranked by a downstream metric
 (`knn_top1`), never by the contrastive loss: losses at different temperatures don't compare.

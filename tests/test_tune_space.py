@@ -129,7 +129,7 @@ def test_values_are_checked_against_the_base_config():
         parse_space(text, base=small)
 
 
-def test_trials_need_ray_train_workers():
+def test_trials_need_at_least_one_worker():
     """Ray Train's local mode (run.num_workers = 0) cannot run inside a Tune trial."""
     text = {"params": {"method.mask_ratio": {"grid": [0.75, 0.9]}}}
     with pytest.raises(ConfigError, match="run.num_workers: trials need at least 1 worker"):
