@@ -159,12 +159,24 @@ Host = RayTrainHost | TrialHost
 
 @dataclass
 class Worker:
-    rank: int
-    world: int
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # bf16 on GPU, none (fp32) on CPU
-    console: Console  # rank 0's lines and progress (the other ranks': warnings only)
     host: Host  # Ray Train's worker, or a Tune trial's own process
+    console: Console  # rank 0's lines and progress (the other ranks': warnings only)
+
+    @property
+    def rank(self) -> int:
+        return self.host.rank
+
+    @property
+    def world(self) -> int:
+        return self.host.world
+
+    @property
+    def device(self) -> torch.device:
+        return self.host.device
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.device.type == "cuda" else None  # fp32 on CPU
 
 
 @dataclass
@@ -185,14 +197,12 @@ def worker_context(cfg: Config, spec: LoopSpec, host: Host | None = None) -> Wor
         torch.set_num_threads(cfg.run.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.manual_seed(cfg.run.seed)
-    rank = host.rank
     every_s = min(1.0, cfg.run.progress_every_s)
     console = relay_console(spec.console_name, every_s) if spec.console_name else \
-        printing_console() if rank == 0 else silent_console()
+        printing_console() if host.rank == 0 else silent_console()
     if spec.console_name and cfg.run.num_workers > 0:  # a worker process: Ray's channel is shut
         relay_warnings(console)
-    return Worker(rank, host.world, host.device,
-                  torch.bfloat16 if host.device.type == "cuda" else None, console, host)
+    return Worker(host, console)
 
 
 # ----------------------------------------------------------------------------- optimisation
