@@ -570,12 +570,19 @@ def mix_batches(batches: Iterable[dict[str, torch.Tensor]], window_rows: int,
 def _reshuffled(window: list[dict[str, torch.Tensor]], rng: torch.Generator
                 ) -> Iterator[dict[str, torch.Tensor]]:
     """The window's rows in new batches of the same size: each row copied once, straight
-    into its new batch (grouped there by source batch: the order inside a batch is moot)."""
+    into its new batch (grouped there by source batch: the order inside a batch is moot).
+    Rows are drawn by their rank in sample_id, not by where they arrived: Ray Data's parallel
+    tasks deliver blocks in a varying order, and the same rows then still make the same
+    batches (a run whose window holds its whole epoch is reproducible)."""
     if len(window) < 2:  # nothing to mix with
         yield from window
         return
     size = len(next(iter(window[0].values())))
-    picks = torch.randperm(size * len(window), generator=rng).view(len(window), size)
+    picks = torch.randperm(size * len(window), generator=rng)  # ranks -> new batches
+    if "sample_id" in window[0]:
+        ids = torch.cat([b["sample_id"] for b in window])
+        picks = ids.argsort(stable=True)[picks]  # rank -> the row's position in the window
+    picks = picks.view(len(window), size)
     for pick in picks:  # pick: [size] row numbers of the window -> one new batch
         pick = pick.sort().values  # grouped by source batch
         counts = torch.bincount(pick // size, minlength=len(window)).tolist()
