@@ -1,5 +1,6 @@
-"""Driver side of a run: check the config, build the data streams and the TorchTrainer, own the
-MLflow run, and evaluate finished runs.
+"""Driver side of a run: check the config, build the data streams and the trainer (a
+TorchTrainer, or with one worker the loop alone in one Ray task), own the MLflow run, and
+evaluate finished runs.
 
     result = run_pretraining(load_config("configs/fashion_mnist_quality.yaml"))
 
@@ -28,7 +29,7 @@ from ray._private import services as ray_services
 from ray.train.torch import TorchTrainer
 
 from micl import objectives
-from micl.artifacts import load_encoder
+from micl.artifacts import latest_checkpoint_on_storage, load_encoder
 from micl.config import Config, ConfigError, ModelConfig, with_overrides
 from micl.console import (
     Console,
@@ -51,7 +52,7 @@ from micl.evaluate import extract_features, knn_top1, linear_probe
 from micl.models.export import encoder_from_timm, timm_state_dict
 from micl.tracking import RunLogger, open_run
 from micl.tracking import tracking_uri as default_tracking_uri
-from micl.train import LoopSpec, StepHook, seal_spec, train_loop_per_worker
+from micl.train import LoopSpec, SoloHost, StepHook, seal_spec, train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 _CLOCKS: list[Any] = []  # the epoch clock of the fit under way (alive while it runs)
@@ -206,11 +207,11 @@ def release_clocks() -> None:
 
 def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
                   hooks: Sequence[StepHook] = (), callbacks: list | None = None,
-                  console_name: str | None = None) -> TorchTrainer:
-    """A pre-training TorchTrainer for a checked and resolved cfg (see `check`, `resolve`)."""
+                  console_name: str | None = None) -> Trainer:
+    """The pre-training trainer for a checked and resolved cfg (see `check`, `resolve`)."""
     spec, datasets = fit_inputs(cfg, run_name, mlflow_run_id, hooks, console_name)
-    return torch_trainer(train_loop_per_worker, spec, cfg, run_name, datasets, ["train"],
-                         callbacks)
+    return trainer_for(train_loop_per_worker, spec, cfg, run_name, datasets, ["train"],
+                       callbacks)
 
 
 def fit_inputs(cfg: Config, run_name: str, mlflow_run_id: str | None,
@@ -228,10 +229,14 @@ def fit_inputs(cfg: Config, run_name: str, mlflow_run_id: str | None,
 def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | None,
               hooks: Sequence[StepHook] = (), console_name: str | None = None) -> LoopSpec:
     """What every worker of a fit gets, with a fresh epoch clock (which also counts restarts)."""
-    return LoopSpec(config=cfg.to_dict(), num_train=num_train,
-                    run_dir=f"{cfg.run.storage_path.rstrip('/')}/{run_name}",
+    return LoopSpec(config=cfg.to_dict(), num_train=num_train, run_dir=run_dir(cfg, run_name),
                     clock_name=fit_clock(run_name),
                     mlflow_run_id=mlflow_run_id, hooks=tuple(hooks), console_name=console_name)
+
+
+def run_dir(cfg: Config, run_name: str) -> str:
+    """A run's directory on storage: its checkpoints (a local path or a pyarrow URI)."""
+    return f"{cfg.run.storage_path.rstrip('/')}/{run_name}"
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -242,13 +247,80 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
-def torch_trainer(loop: Callable[[Any], None], spec: Any, cfg: Config, run_name: str,
-                  datasets: dict[str, ray.data.Dataset], datasets_to_split: list[str],
-                  callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer of any micl loop: cfg.run's workers, storage, retries and retention.
-    The loop gets `spec` sealed (micl.train.seal_spec): Ray Train's controller never opens it.
-    A single worker iterates its datasets itself: splitting for one would cost a fit a split
-    coordinator actor (a process importing Ray Data) and hand it the same rows."""
+@dataclass
+class SoloResult:
+    """What a one-worker fit returns: the fields of ray.train.Result that micl reads."""
+
+    metrics: dict[str, Any]  # the last epoch's report
+    checkpoint: ray.train.Checkpoint | None  # the run's latest on storage
+
+
+@ray.remote
+def fit_alone(loop: Callable[..., None], loop_config: dict[str, bytes],
+              datasets: dict[str, ray.data.Dataset], cpus: float, use_gpu: bool
+              ) -> dict[str, Any]:
+    """A one-worker fit's loop, in this task's process: its last epoch's report."""
+    reports: list[dict[str, Any]] = []
+    # Ray gives the task's process its GPU(s) as cuda:0 (CUDA_VISIBLE_DEVICES).
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    threads = torch.get_num_threads()  # a pooled process: the next task gets it back as it was
+    torch.set_num_threads(max(1, int(cpus)))  # as a Ray Train worker holding `cpus` gets
+    try:
+        loop(loop_config, SoloHost(datasets, reports.append, device))
+    finally:
+        torch.set_num_threads(threads)
+    return reports[-1] if reports else {}
+
+
+@dataclass
+class SoloFit:
+    """A fit with one worker (run.num_workers = 1): the loop alone in one Ray task that holds
+    the worker's resources (its CPUs, GPU share, run.worker_resources), instead of a
+    TorchTrainer, whose controller, worker and helper actors are five processes to start and
+    import: about N s of a tiny fit on 2 cores (BENCHMARKS.md, "One-worker runs"). Ray
+    retries the task up to run.max_failures times, after an error as after a lost process or
+    node, as Ray Train restarts a worker group; the retry resumes from the run's latest
+    checkpoint on storage and the fit's epoch clock (held by this driver) counts it."""
+
+    loop: Callable[..., None]
+    spec: Any  # the loop's spec, sealed for the task
+    cfg: Config
+    run_name: str
+    datasets: dict[str, ray.data.Dataset]
+
+    def fit(self) -> SoloResult:
+        run = self.cfg.run
+        task = fit_alone.options(
+            num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker if run.use_gpu else 0,
+            resources=run.worker_resources, max_retries=run.max_failures,
+            retry_exceptions=True)
+        ref = task.remote(self.loop, seal_spec(self.spec), self.datasets, run.cpus_per_worker,
+                          run.use_gpu)
+        try:
+            metrics = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise e.cause from None  # the loop's own error (Ray's wrapper adds a traceback)
+        except BaseException:  # Ctrl-C in a notebook: the task must not train on unseen
+            ray.cancel(ref, force=True)
+            raise
+        return SoloResult(metrics, latest_checkpoint_on_storage(run_dir(self.cfg,
+                                                                        self.run_name)))
+
+
+Trainer = TorchTrainer | SoloFit
+
+
+def trainer_for(loop: Callable[..., None], spec: Any, cfg: Config, run_name: str,
+                datasets: dict[str, ray.data.Dataset], datasets_to_split: list[str],
+                callbacks: list | None = None) -> Trainer:
+    """The trainer of any micl loop: cfg.run's workers, storage, retries and retention. One
+    worker trains alone in a task (`SoloFit`), unless Ray Train `callbacks` ask for a
+    TorchTrainer; local mode (0) and several workers get one. The loop gets `spec` sealed
+    (micl.train.seal_spec): Ray Train's controller never opens it. A single worker iterates
+    its datasets itself: splitting for one would cost a fit a split coordinator actor (a
+    process importing Ray Data) and hand it the same rows."""
+    if cfg.run.num_workers == 1 and not callbacks:
+        return SoloFit(loop, spec, cfg, run_name, datasets)
     return TorchTrainer(
         loop,
         train_loop_config=seal_spec(spec),
@@ -300,7 +372,7 @@ def fit_tracked(build: Callable[[], Any], logger: RunLogger | None) -> Any:
 
 
 def run_pretraining(cfg: Config, hooks: Sequence[StepHook] = ()) -> PretrainResult:
-    """Fit a TorchTrainer for cfg, resuming when cfg.run.name names an earlier run. `hooks`
+    """Pre-train cfg's run, resuming when cfg.run.name names an earlier run. `hooks`
     run after every optimizer step on every worker (they must be importable there)."""
     cfg = resolve(check(cfg, preflight=True))
     connect_ray()

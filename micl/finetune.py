@@ -52,14 +52,15 @@ from micl.data.stream import (
 )
 from micl.data.transforms import normalize
 from micl.driver import (
+    Trainer,
     check_data_nodes,
     connect_ray,
     fit_tracked,
     log_training_data,
     loop_spec,
     resolve,
-    torch_trainer,
     train_set,
+    trainer_for,
 )
 from micl.models.classifier import classifier_kwargs, create_classifier, load_encoder_weights
 from micl.models.export import TIMM_NAMES, timm_state_dict
@@ -71,6 +72,7 @@ from micl.tracking import (
     open_run,
 )
 from micl.train import (
+    Host,
     LoopSpec,
     StepHook,
     Worker,
@@ -177,10 +179,10 @@ def evaluate_classifier(net: nn.Module, cfg: Config, w: Worker) -> dict[str, flo
     return {"val_top1": top1 / n, "val_top5": top5 / n, "val_loss": loss / n, "val_images": n}
 
 
-def finetune_loop_per_worker(loop_config: dict[str, bytes]) -> None:
+def finetune_loop_per_worker(loop_config: dict[str, bytes], host: Host | None = None) -> None:
     spec: FinetuneSpec = open_spec(loop_config)
     cfg = from_dict(spec.loop.config)
-    w = worker_context(cfg, spec.loop)
+    w = worker_context(cfg, spec.loop, host)
     model = build_classifier(cfg, spec.num_classes, spec.init_weights)
     opt = torch.optim.AdamW(layer_decay_groups(model.net, cfg), lr=base_lr(cfg, w.world),
                             betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -290,7 +292,7 @@ def finetune_params(cfg: Config) -> dict[str, Any]:
 
 def build_finetune_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,
                            init_weights: Any, hooks: Sequence[StepHook] = (),
-                           console_name: str | None = None) -> ray.train.torch.TorchTrainer:
+                           console_name: str | None = None) -> Trainer:
     f = cfg.finetune
     train, num_train = train_set(cfg)
     num_train = max(1, round(num_train * f.label_fraction))  # low-shot: the subset's size
@@ -302,7 +304,7 @@ def build_finetune_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None
         "train": train_stream(keep_label_subset(train, f.label_fraction, f.label_seed), cfg,
                               spec.loop.clock_name, views),
         "val": eval_stream(load_split(cfg, cfg.data.val_split), cfg, f.eval_crop_pct)}
-    return torch_trainer(finetune_loop_per_worker, spec, cfg, run_name, datasets,
+    return trainer_for(finetune_loop_per_worker, spec, cfg, run_name, datasets,
                          ["train", "val"])
 
 

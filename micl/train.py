@@ -1,5 +1,6 @@
-"""The one training loop: `train_loop_per_worker(spec)` for ray.train.torch.TorchTrainer, or in
-the process of a one-worker Tune trial (`TrialHost`; micl.tune).
+"""The one training loop: `train_loop_per_worker(spec)` for ray.train.torch.TorchTrainer's
+workers, or alone in one process (`SoloHost`): a one-worker run's task (micl.driver.SoloFit)
+or a one-worker Tune trial's process (micl.tune).
 
 Every method trains here; a method is `objective(batch) -> (loss, metrics)` plus an optional
 `after_step`. Each epoch: set the epoch clock (the data stream seeds crops and masks from it),
@@ -129,11 +130,12 @@ class RayTrainHost:
 
 
 @dataclass
-class TrialHost:
-    """The loop in the process of a Tune trial with one worker (micl.tune): no Ray Train
-    controller and worker processes to start, and Ray Train's API is closed inside a Tune
-    trial anyway. Checkpoints persist to the run directory as in local mode, where a
-    restarted trial resumes from them; each epoch's metrics go to `report_to` (Tune's)."""
+class SoloHost:
+    """The loop alone in a process of its own, with one worker: a one-worker run's task
+    (micl.driver.SoloFit) or a one-worker Tune trial's process (micl.tune, where Ray Train's
+    API is closed anyway). No Ray Train controller and worker processes to start.
+    Checkpoints persist to the run directory as in local mode, where a retried task or trial
+    resumes from them; each epoch's metrics go to `report_to` (Tune's, or the task's list)."""
 
     datasets: dict[str, Any]  # name -> ray.data.Dataset: the stream and the kNN sets
     report_to: Callable[[dict[str, Any]], None]
@@ -154,12 +156,12 @@ class TrialHost:
         self.report_to(metrics)
 
 
-Host = RayTrainHost | TrialHost
+Host = RayTrainHost | SoloHost
 
 
 @dataclass
 class Worker:
-    host: Host  # Ray Train's worker, or a Tune trial's own process
+    host: Host  # Ray Train's worker, or a process the loop has to itself
     console: Console  # rank 0's lines and progress (the other ranks': warnings only)
 
     @property

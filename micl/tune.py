@@ -44,7 +44,7 @@ from micl.tracking import (
     source_tags,
     start_or_resume_run,
 )
-from micl.train import TrialHost, seal_spec, train_loop_per_worker
+from micl.train import SoloHost, seal_spec, train_loop_per_worker
 from micl.tune_space import SearchSpace, apply_trial_params
 
 SEARCH_TAG = "micl.search"  # the search name, on the parent and on every trial
@@ -124,7 +124,7 @@ class TrialFit:
         spec, datasets = fit_inputs(self.cfg, self.cfg.run.name, self.run_id)
         device = torch.device("cuda", 0) if self.cfg.run.use_gpu else torch.device("cpu")
         # Ray gives the trial's process its own GPU(s) as cuda:0 (CUDA_VISIBLE_DEVICES).
-        train_loop_per_worker(seal_spec(spec), TrialHost(datasets, tune.report, device))
+        train_loop_per_worker(seal_spec(spec), SoloHost(datasets, tune.report, device))
 
 
 def make_trainable(base: Config, search_name: str, parent_run_id: str):

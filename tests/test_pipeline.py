@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -93,9 +94,9 @@ def write_bad_and_odd_images(root: Path) -> tuple[int, int]:
 def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path, toy_registered):
     """Parquet shards through a file:// URI (any pyarrow filesystem URI goes the same way),
     trained one epoch in local mode (run.num_workers = 0: the loop persists its checkpoint to
-    the run directory), then resumed to two with the same run name by a Ray Train worker, next
-    to a newer checkpoint directory that a crash cut short: the resume takes the newest
-    complete checkpoint on storage, which Ray Train itself never registered. The method is
+    the run directory), then resumed to two with the same run name by one worker (a Ray task
+    of its own), next to a newer checkpoint directory that a crash cut short: the resume
+    takes the newest complete checkpoint on storage, not the half-written one. The method is
     one defined outside micl (tests/toy_method.py, one class and its Args), which the worker
     imports through run.import_modules, as a user's own method would be."""
     info = make_image_folder(tmp_path / "folder", n_per_class=12, size=40, split="train")
@@ -115,22 +116,26 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path, 
     assert first.run_name == "resumable" and first.metrics["epoch"] == 1
     assert first.metrics["skipped"] == 0  # prepare_data already dropped the bad files
     first_state = torch.load(Path(first.checkpoint_path) / STATE_FILE, weights_only=False)
-    # What a crash during the next checkpoint leaves behind: a directory Ray Train never
-    # registered, with a truncated state file.
+    # What a crash during the next checkpoint leaves behind: a directory with a truncated
+    # state file.
     broken = tmp_path / "runs" / "resumable" / "checkpoint_2099-01-01_00-00-00.000000"
     broken.mkdir()
     (broken / "state.pt.tmp").write_bytes(b"\x80\x02truncated")
-    seen = tmp_path / "shard"
+    seen = tmp_path / "where"
 
-    def note_shard(info) -> None:
+    def note_process(info) -> None:  # each step: in a Ray worker? an actor? holding what?
+        ctx = ray.get_runtime_context()
         with seen.open("a") as f:
-            f.write(type(ray.train.get_dataset_shard("train")).__name__ + "\n")
+            f.write(json.dumps([ctx.worker.mode == ray.WORKER_MODE, ctx.get_actor_id(),
+                                ctx.get_assigned_resources()]) + "\n")
 
-    second = run_pretraining(cfg(2, workers=1), hooks=[note_shard])
+    second = run_pretraining(cfg(2, workers=1), hooks=[note_process])
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resume
-    # A single worker streams its data itself: no split coordinator (an actor process per
-    # fit) between it and Ray Data.
-    assert set(seen.read_text().split()) == {"DataIteratorImpl"}, seen.read_text()
+    # One worker trains alone in a Ray task that holds the worker's CPUs: not in this
+    # process, and not in a Ray Train worker (an actor, which starts with a controller and
+    # helper actors: five processes a fit).
+    where = {line for line in seen.read_text().splitlines()}
+    assert where == {json.dumps([True, None, {"CPU": cfg(2, 1).run.cpus_per_worker}])}, where
     assert second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 2  # epoch 2 added to epoch 1's steps
