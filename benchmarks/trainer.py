@@ -13,7 +13,9 @@ synthetic batches:
 
 - TorchTrainer: `micl.driver.build_trainer` -> `trainer.fit()` with 1 worker, i.e. the real
   `micl.train.train_loop_per_worker` reading its shard through Ray Data (one worker iterates
-  the stream itself; several would each get a part of a streaming split). The
+  the stream itself; several would each get a part of a streaming split). The callback that
+  collects the epochs' rates asks for a TorchTrainer: a one-worker run without one trains
+  alone in a Ray task (`micl.driver.SoloFit`), the same loop without Ray Train around it. The
   train stream is materialised before `fit()` (the same blocks every epoch), so the number is
   the loop's overhead and not the CPU cost of decoding, which `benchmarks/ingest.py` measures.
 - plain: one Python process without Ray, the same objective, optimizer (`build_optimizer`),
