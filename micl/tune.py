@@ -182,6 +182,30 @@ def _close_stopped_children(uri: str, parent_run_id: str, experiment: str,
             client.set_terminated(run.info.run_id, "KILLED")
 
 
+def _new_tuner(trainable: Any, base: Config, space: SearchSpace, name: str,
+               concurrency: int) -> tune.Tuner:
+    return tune.Tuner(
+        trainable,
+        param_space=space.to_tune(),
+        tune_config=tune.TuneConfig(
+            metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+            scheduler=_scheduler(space, base),
+            # the search algorithm carries the concurrency limit: TuneConfig's own would be
+            # ignored, with a warning on the user's console
+            search_alg=_search_alg(space, concurrency, base.run.seed),
+            # A trial that asks for the same resources as one that ended takes over its
+            # process, with torch and timm already imported (a one-worker trial trains
+            # there): seconds of CPU per trial after the first when trials queue.
+            reuse_actors=True),
+        # A trial that trains in its own process is retried by Tune, as Ray Train would retry
+        # its worker group; it resumes from its last checkpoint on storage.
+        run_config=tune.RunConfig(name=name, storage_path=base.run.storage_path, verbose=1,
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=base.run.max_failures
+                                      if in_trial_process(base) else 0)),
+    )
+
+
 def run_search(base: Config, space: SearchSpace, name: str | None = None) -> SearchResult:
     """Run (or resume, when `name` names an interrupted search) a Tune search over `space`."""
     import time
@@ -203,26 +227,7 @@ def run_search(base: Config, space: SearchSpace, name: str | None = None) -> Sea
         print(f"[micl] resuming search {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.to_tune(),
-            tune_config=tune.TuneConfig(
-                metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                scheduler=_scheduler(space, base),
-                # the search algorithm carries the concurrency limit: TuneConfig's own
-                # would be ignored, with a warning on the user's console
-                search_alg=_search_alg(space, concurrency, base.run.seed),
-                # A trial that asks for the same resources as one that ended takes over its
-                # process, with torch and timm already imported (a one-worker trial trains
-                # there): seconds of CPU per trial after the first when trials queue.
-                reuse_actors=True),
-            # A trial that trains in its own process is retried by Tune, as Ray Train would
-            # retry its worker group; it resumes from its last checkpoint on storage.
-            run_config=tune.RunConfig(name=name, storage_path=root, verbose=1,
-                                      failure_config=tune.FailureConfig(
-                                          max_failures=base.run.max_failures
-                                          if in_trial_process(base) else 0)),
-        )
+        tuner = _new_tuner(trainable, base, space, name, concurrency)
     results = tuner.fit()
     _close_stopped_children(uri, parent, base.run.experiment,
                             {(r.metrics or {}).get("trial_id") for r in results if not r.error})
