@@ -117,3 +117,25 @@ def test_skipped_non_finite_steps_and_an_unreachable_tracking_server(ray_local, 
     state = torch.load(Path(result.checkpoint_path) / STATE_FILE, weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not state["optimizer"]["state"]  # no step was ever applied
+
+
+def test_a_one_worker_run_that_fails_is_retried_from_its_checkpoint(ray_local, tmp_path,
+                                                                     toy_registered):
+    """One worker trains alone in a Ray task; an error there (a planned one in epoch 2,
+    tests/toy_method.py) with run.max_failures = 1 runs the task again, which resumes from
+    the epoch-1 checkpoint on storage in the same MLflow run and counts the restart. (A
+    worker process killed outright: test_finetune.py's killed worker.)"""
+    marker = tmp_path / "failed-once"
+    cfg = synthetic(tmp_path, "data.synthetic_size=64", "method.name=toy_views",
+                    "run.import_modules=[toy_method]", "method.fail_at_step=12",
+                    f"method.fail_marker={marker}", "run.num_workers=1",
+                    "run.max_failures=1", "run.name=retried")
+    result = run_pretraining(cfg)
+    assert marker.exists()  # epoch 2 (steps 9-16) failed once
+    assert result.metrics["epoch"] == 2 and result.metrics["restarts"] == 1
+    client = check_mlflow_run(result, cfg, epochs=2)  # each epoch logged once
+    restarts = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id,
+                                                                   "restarts")}
+    assert restarts == {1: 0, 2: 1}
+    steps = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "step")}
+    assert steps == {1: 8, 2: 16}  # epoch 1 not trained again: 8 optimizer steps an epoch
