@@ -4,7 +4,7 @@ Ray forwards every worker's stdout and stderr to the driver, Ray's internals inc
 default run keeps that channel shut (`ray.init(log_to_driver=False)`: the output stays in
 Ray's log files) and the lines a user needs travel through one small actor instead:
 
-    training worker (rank 0)  --Console-->  ConsoleRelay actor  --watch()-->  driver console
+    training worker (rank 0)  --Console-->  the fit's EpochClock actor  --watch()-->  driver console
 
 The driver draws them: a progress bar per epoch on a terminal (tqdm), one line every few
 seconds otherwise (`ray job submit` logs, CI), where a bar's carriage returns would make noise.
@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import ray
 
-from micl.data.clock import NAMESPACE, on_this_node
+from micl.data.clock import NAMESPACE, epoch_clock
 
 _VERBOSE = False
 
@@ -223,27 +223,6 @@ def view_console(view: ProgressView) -> Console:
     return Console(lambda kind, payload: getattr(view, kind)(payload))
 
 
-@ray.remote(num_cpus=0)
-class ConsoleRelay:
-    """Holds the workers' lines, in order, with only the newest progress report among them,
-    until the driver takes them."""
-
-    def __init__(self) -> None:
-        self._events: list[tuple[str, Any]] = []
-
-    def line(self, text: str) -> None:
-        self._events.append(("line", text))
-
-    def progress(self, p: Progress) -> None:
-        if self._events and self._events[-1][0] == "progress":
-            self._events.pop()  # superseded before anyone drew it
-        self._events.append(("progress", p))
-
-    def take(self) -> list[tuple[str, Any]]:
-        events, self._events = self._events, []
-        return events
-
-
 def relay_console(relay_name: str, every_s: float = 1.0) -> Console:
     """A worker's console: everything goes to the driver's relay (fire and forget; Ray keeps
     one caller's calls to an actor in order), progress at most every `every_s` seconds."""
@@ -266,11 +245,12 @@ def relay_warnings(console: Console) -> None:
 
 @contextmanager
 def watch(view: ProgressView | None = None, poll_s: float = 0.5) -> Iterator[str]:
-    """A relay for one fit, drawn on `view` until the block ends (then drained once more, so
-    no line is lost); yields the relay's name, which the workers look up."""
+    """The epoch clock of one fit, whose console events are drawn on `view` until the block
+    ends (then drained once more, so no line is lost); yields the clock's name, which the fit
+    uses as its clock and the workers look up to print. The block owns it."""
     view = view or ProgressView()
-    relay_name = f"micl-console-{uuid.uuid4().hex[:12]}"
-    relay = ConsoleRelay.options(name=relay_name, namespace=NAMESPACE, **on_this_node()).remote()
+    relay_name = f"micl-clock-{uuid.uuid4().hex[:12]}"
+    relay = epoch_clock(relay_name)
     stop = threading.Event()
 
     def drain() -> None:

@@ -228,9 +228,10 @@ def fit_inputs(cfg: Config, run_name: str, mlflow_run_id: str | None,
 
 def loop_spec(cfg: Config, run_name: str, num_train: int, mlflow_run_id: str | None,
               hooks: Sequence[StepHook] = (), console_name: str | None = None) -> LoopSpec:
-    """What every worker of a fit gets, with a fresh epoch clock (which also counts restarts)."""
+    """What every worker of a fit gets, with its epoch clock (which also counts restarts): the
+    console's (micl.console.watch), which relays the workers' lines too, else a fresh one."""
     return LoopSpec(config=cfg.to_dict(), num_train=num_train, run_dir=run_dir(cfg, run_name),
-                    clock_name=fit_clock(run_name),
+                    clock_name=console_name or fit_clock(run_name),
                     mlflow_run_id=mlflow_run_id, hooks=tuple(hooks), console_name=console_name)
 
 

@@ -84,7 +84,7 @@ class LoopSpec:
     clock_name: str  # the EpochClock actor of this fit (data.clock; also counts restarts)
     mlflow_run_id: str | None = None  # None: no tracking store
     hooks: Sequence[StepHook] = ()  # called after every optimizer step, on every worker
-    console_name: str | None = None  # the driver's ConsoleRelay (None: rank 0 prints)
+    console_name: str | None = None  # the clock that relays to the driver (None: rank 0 prints)
 
 
 # Ray Train gives train_loop_config to its controller too, which unpickles it with its other

@@ -24,12 +24,12 @@ from test_objectives import MODEL
 from micl.artifacts import load_encoder
 from micl.console import (
     Console,
-    ConsoleRelay,
     Progress,
     ProgressView,
     format_duration,
     progress_line,
 )
+from micl.data.clock import EpochClock
 from micl.tracking import use_tracking_uri
 from pipelines.pretrain import main as pretrain_cli
 
@@ -97,7 +97,9 @@ def test_console_throttles_and_tracks_items():
 
 
 def test_relay_keeps_lines_in_order_and_only_the_newest_progress(ray_local):
-    relay = ConsoleRelay.remote()
+    """A fit's epoch clock relays its console (micl.console.watch): lines in order, only the
+    newest progress report between two lines, each event taken once."""
+    relay = EpochClock.remote()
     for call in (relay.line.remote("a"), relay.progress.remote(Progress("e", 1, 9, "steps", 1)),
                  relay.progress.remote(Progress("e", 2, 9, "steps", 2)), relay.line.remote("b"),
                  relay.progress.remote(Progress("e", 3, 9, "steps", 3))):

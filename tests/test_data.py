@@ -352,8 +352,9 @@ def test_each_epoch_mixes_new_batches_of_an_in_memory_set(ray_local):
 
 
 def test_the_helper_actors_of_a_fit_start_without_ray_data():
-    """Each fit starts an epoch clock and a console relay, each a process that first imports
-    its class's module: those import Ray and nothing heavy (Ray Data, pyarrow, PIL, torch)."""
+    """Each fit starts an epoch clock (which also relays its console), a process that first
+    imports its class's module: those import Ray and nothing heavy (Ray Data, pyarrow, PIL,
+    torch)."""
     probe = ("import sys, ray, micl.console, micl.data.clock; print(sorted(m for m in "
              "('ray.data', 'pyarrow', 'PIL', 'numpy', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)

@@ -124,18 +124,23 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path, 
     seen = tmp_path / "where"
 
     def note_process(info) -> None:  # each step: in a Ray worker? an actor? holding what?
-        ctx = ray.get_runtime_context()
+        ctx = ray.get_runtime_context()  # and which of micl's helper actors are up
+        helpers = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                         if a["namespace"] == "micl")
         with seen.open("a") as f:
             f.write(json.dumps([ctx.worker.mode == ray.WORKER_MODE, ctx.get_actor_id(),
-                                ctx.get_assigned_resources()]) + "\n")
+                                ctx.get_assigned_resources(), len(helpers)]) + "\n")
 
+    wait_for_no_helper_actors()  # the first fit's, which the GCS forgets a moment after
     second = run_pretraining(cfg(2, workers=1), hooks=[note_process])
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resume
     # One worker trains alone in a Ray task that holds the worker's CPUs: not in this
     # process, and not in a Ray Train worker (an actor, which starts with a controller and
-    # helper actors: five processes a fit).
+    # helper actors: five processes a fit). micl's own helper is one actor: the epoch clock,
+    # which also relays the console.
     where = {line for line in seen.read_text().splitlines()}
-    assert where == {json.dumps([True, None, {"CPU": cfg(2, 1).run.cpus_per_worker}])}, where
+    assert where == {json.dumps([True, None, {"CPU": cfg(2, 1).run.cpus_per_worker}, 1])}, \
+        where
     assert second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 2  # epoch 2 added to epoch 1's steps
@@ -176,14 +181,19 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     check_checkpoint_loads(second, cfg(2), check_mlflow_run(second, cfg(2), epochs=2))
     assert torch.get_num_threads() == threads
     # Each fit's epoch clock is a process of its own: gone once the fit is (tests run one
-    # fit at a time, so no other test's clock is alive either). A clock is a named actor
-    # (micl-clock-<run>-<id>) whose name the GCS drops when it dies; ray.kill returns before
-    # that: give it a few seconds.
-    deadline = time.monotonic() + 10
-    while (clocks := [a for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a["name"].startswith("micl-clock-")]) and time.monotonic() < deadline:
+    # fit at a time, so no other test's clock is alive either).
+    assert wait_for_no_helper_actors() == []
+
+
+def wait_for_no_helper_actors(timeout_s: float = 10) -> list[dict]:
+    """micl's named helper actors still up once none are, or `timeout_s` has passed. Each is
+    a named actor (an epoch clock, micl-clock-...) whose name the GCS drops when it dies;
+    ray.kill returns before that: give it a few seconds."""
+    deadline = time.monotonic() + timeout_s
+    while (helpers := [a for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["namespace"] == "micl"]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert clocks == [], clocks
+    return helpers
 
 
 def test_the_storage_fallback_takes_the_newest_complete_checkpoint(tmp_path):
