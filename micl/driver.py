@@ -278,13 +278,14 @@ class SoloFit:
     """A fit with one worker (run.num_workers = 1): the loop alone in one Ray task that holds
     the worker's resources (its CPUs, GPU share, run.worker_resources), instead of a
     TorchTrainer, whose controller, worker and helper actors are five processes to start and
-    import: about N s of a tiny fit on 2 cores (BENCHMARKS.md, "One-worker runs"). Ray
+    import (a tiny fit: 16 s -> 2 s from a warm driver on 2 cores; BENCHMARKS.md, "A
+    one-worker run trains alone in a Ray task"). Ray
     retries the task up to run.max_failures times, after an error as after a lost process or
     node, as Ray Train restarts a worker group; the retry resumes from the run's latest
     checkpoint on storage and the fit's epoch clock (held by this driver) counts it."""
 
     loop: Callable[..., None]
-    spec: Any  # the loop's spec, sealed for the task
+    spec: Any  # the loop's spec (sealed as it is sent: micl.train.seal_spec)
     cfg: Config
     run_name: str
     datasets: dict[str, ray.data.Dataset]
@@ -301,7 +302,7 @@ class SoloFit:
             metrics = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             raise e.cause from None  # the loop's own error (Ray's wrapper adds a traceback)
-        except BaseException:  # Ctrl-C in a notebook: the task must not train on unseen
+        except BaseException:  # Ctrl-C in a notebook: the task must not go on training
             ray.cancel(ref, force=True)
             raise
         return SoloResult(metrics, latest_checkpoint_on_storage(run_dir(self.cfg,
