@@ -293,6 +293,7 @@ class SoloFit:
     def fit(self) -> SoloResult:
         run = self.cfg.run
         task = fit_alone.options(
+            name=f"micl-fit:{self.run_name}",  # what the dashboard and `ray list tasks` show
             num_cpus=run.cpus_per_worker, num_gpus=run.gpus_per_worker if run.use_gpu else 0,
             resources=run.worker_resources, max_retries=run.max_failures,
             retry_exceptions=True)

@@ -129,18 +129,19 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path, 
                          if a["namespace"] == "micl")
         with seen.open("a") as f:
             f.write(json.dumps([ctx.worker.mode == ray.WORKER_MODE, ctx.get_actor_id(),
-                                ctx.get_assigned_resources(), len(helpers)]) + "\n")
+                                ctx.get_assigned_resources(), len(helpers),
+                                ctx.get_task_name()]) + "\n")
 
     wait_for_no_helper_actors()  # the first fit's, which the GCS forgets a moment after
     second = run_pretraining(cfg(2, workers=1), hooks=[note_process])
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resume
     # One worker trains alone in a Ray task that holds the worker's CPUs: not in this
     # process, and not in a Ray Train worker (an actor, which starts with a controller and
-    # helper actors: five processes a fit). micl's own helper is one actor: the epoch clock,
-    # which also relays the console.
+    # helper actors: five processes a fit), named for the run where Ray lists tasks. micl's
+    # own helper is one actor: the epoch clock, which also relays the console.
     where = {line for line in seen.read_text().splitlines()}
-    assert where == {json.dumps([True, None, {"CPU": cfg(2, 1).run.cpus_per_worker}, 1])}, \
-        where
+    assert where == {json.dumps([True, None, {"CPU": cfg(2, 1).run.cpus_per_worker}, 1,
+                                 "micl-fit:resumable"])}, where
     assert second.metrics["epoch"] == 2
     state = torch.load(Path(second.checkpoint_path) / STATE_FILE, weights_only=False)
     assert state["step"] == first_state["step"] * 2  # epoch 2 added to epoch 1's steps
