@@ -240,6 +240,12 @@ def run_dir(cfg: Config, run_name: str) -> str:
     return f"{cfg.run.storage_path.rstrip('/')}/{run_name}"
 
 
+def trains_alone(cfg: Config) -> bool:
+    """Whether a fit of cfg runs the loop alone in one process of its own (one worker: a Ray
+    task, or a Tune trial's process) rather than on Ray Train's workers."""
+    return cfg.run.num_workers == 1
+
+
 def worker_resources(cfg: Config) -> dict[str, float]:
     """What one training worker requests: its CPUs, its GPU share, run.worker_resources."""
     resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.worker_resources}
@@ -262,12 +268,10 @@ def fit_alone(loop: Callable[..., None], loop_config: dict[str, bytes],
               ) -> dict[str, Any]:
     """A one-worker fit's loop, in this task's process: its last epoch's report."""
     reports: list[dict[str, Any]] = []
-    # Ray gives the task's process its GPU(s) as cuda:0 (CUDA_VISIBLE_DEVICES).
-    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     threads = torch.get_num_threads()  # a pooled process: the next task gets it back as it was
     torch.set_num_threads(max(1, int(cpus)))  # as a Ray Train worker holding `cpus` gets
     try:
-        loop(loop_config, SoloHost(datasets, reports.append, device))
+        loop(loop_config, SoloHost(datasets, reports.append, use_gpu))
     finally:
         torch.set_num_threads(threads)
     return reports[-1] if reports else {}
@@ -279,10 +283,10 @@ class SoloFit:
     the worker's resources (its CPUs, GPU share, run.worker_resources), instead of a
     TorchTrainer, whose controller, worker and helper actors are five processes to start and
     import (a tiny fit: 16 s -> 2 s from a warm driver on 2 cores; BENCHMARKS.md, "A
-    one-worker run trains alone in a Ray task"). Ray
-    retries the task up to run.max_failures times, after an error as after a lost process or
-    node, as Ray Train restarts a worker group; the retry resumes from the run's latest
-    checkpoint on storage and the fit's epoch clock (held by this driver) counts it."""
+    one-worker run trains alone in a Ray task"). Ray retries the task up to run.max_failures
+    times, after an error as after a lost process or node, as Ray Train restarts a worker
+    group; the retry resumes from the run's latest checkpoint on storage and the fit's epoch
+    clock (held by this driver) counts it."""
 
     loop: Callable[..., None]
     spec: Any  # the loop's spec (sealed as it is sent: micl.train.seal_spec)
@@ -322,7 +326,7 @@ def trainer_for(loop: Callable[..., None], spec: Any, cfg: Config, run_name: str
     (micl.train.seal_spec): Ray Train's controller never opens it. A single worker iterates
     its datasets itself: splitting for one would cost a fit a split coordinator actor (a
     process importing Ray Data) and hand it the same rows."""
-    if cfg.run.num_workers == 1 and not callbacks:
+    if trains_alone(cfg) and not callbacks:
         return SoloFit(loop, spec, cfg, run_name, datasets)
     return TorchTrainer(
         loop,
@@ -354,8 +358,9 @@ def fit_tracked(build: Callable[[], Any], logger: RunLogger | None) -> Any:
     """Build and fit a trainer (a TorchTrainer, or anything with `fit()`: a Tune trial's own
     fit); the MLflow run ends FINISHED or FAILED either way (a data error found while
     building included). A check failing while building raises as it is; any failure of the
-    fit becomes one readable PretrainError, whether Ray wrapped it (workers) or not (local
-    mode, run.num_workers = 0, or a trial, where the loop runs in this process)."""
+    fit becomes one readable PretrainError, whether Ray wrapped it (Ray Train's workers) or
+    not (a one-worker fit's task, which unwraps it; local mode, run.num_workers = 0, or a
+    trial, where the loop runs in this process)."""
     trainer, threads = None, torch.get_num_threads()  # local mode sets run.torch_threads here
     try:
         trainer = build()

@@ -305,7 +305,7 @@ def build_finetune_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None
                               spec.loop.clock_name, views),
         "val": eval_stream(load_split(cfg, cfg.data.val_split), cfg, f.eval_crop_pct)}
     return trainer_for(finetune_loop_per_worker, spec, cfg, run_name, datasets,
-                         ["train", "val"])
+                       ["train", "val"])
 
 
 def link_runs(cfg: Config, finetune_run: str | None, encoder: PretrainedEncoder | None,

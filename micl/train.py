@@ -139,9 +139,14 @@ class SoloHost:
 
     datasets: dict[str, Any]  # name -> ray.data.Dataset: the stream and the kNN sets
     report_to: Callable[[dict[str, Any]], None]
-    device: torch.device
+    use_gpu: bool
     rank: int = 0
     world: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        # Ray gives the process its own GPU(s) as cuda:0 (CUDA_VISIBLE_DEVICES).
+        return torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
 
     def checkpoint(self) -> None:
         return None  # resume() finds the run's latest on storage

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -35,6 +34,7 @@ from micl.driver import (
     fit_inputs,
     fit_tracked,
     resolve,
+    trains_alone,
     worker_resources,
 )
 from micl.tracking import (
@@ -100,15 +100,10 @@ def _search_alg(space: SearchSpace, concurrency: int, seed: int):
     return tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
 
 
-def in_trial_process(cfg: Config) -> bool:
-    """Whether a trial of cfg trains in its own process (one worker) or through Ray Train."""
-    return cfg.run.num_workers == 1
-
-
 def trial_resources(cfg: Config) -> PlacementGroupFactory:
     """What a trial's own process holds: the worker's resources when it trains there; else
     nothing but a little memory (Ray rejects an empty request), its workers hold the rest."""
-    if in_trial_process(cfg):
+    if trains_alone(cfg):
         return PlacementGroupFactory([worker_resources(cfg)])
     return PlacementGroupFactory([{"memory": 64 * 2**20}])
 
@@ -122,9 +117,8 @@ class TrialFit:
 
     def fit(self) -> None:
         spec, datasets = fit_inputs(self.cfg, self.cfg.run.name, self.run_id)
-        device = torch.device("cuda", 0) if self.cfg.run.use_gpu else torch.device("cpu")
-        # Ray gives the trial's process its own GPU(s) as cuda:0 (CUDA_VISIBLE_DEVICES).
-        train_loop_per_worker(seal_spec(spec), SoloHost(datasets, tune.report, device))
+        train_loop_per_worker(seal_spec(spec),
+                              SoloHost(datasets, tune.report, self.cfg.run.use_gpu))
 
 
 def make_trainable(base: Config, search_name: str, parent_run_id: str):
@@ -140,7 +134,7 @@ def make_trainable(base: Config, search_name: str, parent_run_id: str):
                                      tags={**source, ROLE_TAG: "trial", SEARCH_TAG: search_name,
                                            "micl.trial_id": trial_id})
         # The trial's run ends FAILED when building or fitting fails, not left RUNNING.
-        fit_tracked(lambda: TrialFit(cfg, run_id) if in_trial_process(cfg) else
+        fit_tracked(lambda: TrialFit(cfg, run_id) if trains_alone(cfg) else
                     build_trainer(cfg, cfg.run.name, run_id, callbacks=[TuneReportCallback()]),
                     RunLogger(cfg.run.tracking_uri, run_id))
 
@@ -202,7 +196,7 @@ def _new_tuner(trainable: Any, base: Config, space: SearchSpace, name: str,
         run_config=tune.RunConfig(name=name, storage_path=base.run.storage_path, verbose=1,
                                   failure_config=tune.FailureConfig(
                                       max_failures=base.run.max_failures
-                                      if in_trial_process(base) else 0)),
+                                      if trains_alone(base) else 0)),
     )
 
 
