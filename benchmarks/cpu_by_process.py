@@ -6,7 +6,8 @@ actors, tasks, nodes and the MLflow server, which a profiler of one process cann
 
 Every process on the machine is sampled once a second (/proc/<pid>/stat: user + system time)
 and named by what it runs: a Ray worker by its title (`ray::RayTrainWorker`), a Python process
-by its script or module, anything else by its executable. A process that ends between two
+by its script or module, anything else by its executable; processes that started meanwhile
+are counted per name. A process that ends between two
 samples loses at most its last second; one that starts and ends between samples is missed, so
 the totals are lower bounds. Prints the command's exit code and wall time, then the names by
 CPU seconds, then the total. Linux only.
@@ -88,12 +89,14 @@ def main() -> int:
     sample(seen)
     wall = time.monotonic() - t0
     totals: Counter[str] = Counter()
+    started: Counter[str] = Counter()  # processes of each name that the command's run saw
     for pid, (name, ticks) in seen.items():
         totals[name] += (ticks - before.get(pid, 0)) / TICK
-    print(f"\nexit code {proc.returncode}, {wall:.1f} s wall; CPU seconds by process:",
-          file=sys.stderr)
+        started[name] += pid not in before
+    print(f"\nexit code {proc.returncode}, {wall:.1f} s wall; CPU seconds by process "
+          "(and how many such processes started):", file=sys.stderr)
     for name, seconds in totals.most_common(a.top):
-        print(f"{seconds:8.1f}  {name}", file=sys.stderr)
+        print(f"{seconds:8.1f} {started[name]:4d}  {name}", file=sys.stderr)
     print(f"{sum(totals.values()):8.1f}  in all ({os.cpu_count()} CPUs x {wall:.0f} s = "
           f"{os.cpu_count() * wall:.0f} available)", file=sys.stderr)
     return proc.returncode

@@ -1,16 +1,18 @@
 """What several test modules reuse: a real ImageFolder tree with good and bad files, fault
-injection hooks, a loopback gate that cuts a server off."""
+injection hooks, a loopback gate that cuts a server off, ranks of a process group."""
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import pathlib
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch.multiprocessing as mp
 from PIL import Image
 
 BAD_FILES = 3  # a corrupt JPEG, a zero-byte file and a text file (hidden files don't count)
@@ -131,3 +133,17 @@ class LoopbackGate:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+# What a rank imports before it runs: the forkserver imports it once and forks every rank from
+# itself, where spawning started Python afresh for each rank and imported torch, timm and micl
+# again (about 4 CPU-seconds a rank on the 2-core VM). A fork server holds no threads, so the
+# forks are safe where forking the test process (Ray's and torch's threads) is not.
+RANK_PRELOAD = ["torch.distributed", "micl.driver", "micl.objectives"]
+
+
+def run_ranks(fn: Callable, args: tuple, nprocs: int = 2) -> None:
+    """fn(rank, *args) in `nprocs` processes at once, as torch.multiprocessing.spawn runs it
+    (an error in a rank is raised here), forked from one fork server per test session."""
+    multiprocessing.set_forkserver_preload([*RANK_PRELOAD, fn.__module__])
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import run_ranks
 
 from micl.artifacts import export_encoder
 from micl.config import Config, ConfigError, ModelConfig, load_config
@@ -105,7 +105,7 @@ def test_global_negatives_on_two_processes_equal_local_on_the_whole_batch():
     ref = micl_loss(lin(a), lin(b), 1 / 64, 0.07, negatives="local")
     ref.backward()
     out = torch.zeros(1 + w.numel()).share_memory_()
-    mp.spawn(_global_worker, args=(2, _free_port(), a, b, w, out), nprocs=2, join=True)
+    run_ranks(_global_worker, args=(2, _free_port(), a, b, w, out))
     assert abs(out[0].item() - ref.item()) < 1e-5
     torch.testing.assert_close(out[1:].reshape(4, 6), lin.weight.grad, rtol=1e-5, atol=1e-6)
 

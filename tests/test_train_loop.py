@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_ranks
 from torch import nn
 
 from micl.config import Config
@@ -56,7 +56,7 @@ def _reduce_worker(rank: int, port: int, out: str) -> None:
 
 def test_the_epoch_loss_averages_applied_steps_over_all_workers(tmp_path):
     out = str(tmp_path / "out.pt")
-    mp.spawn(_reduce_worker, args=(_free_port(), out), nprocs=2, join=True)
+    run_ranks(_reduce_worker, args=(_free_port(), out))
     got = torch.load(out)
     # 4 applied steps in all: (1 + 1 + 1 + 3) / 4 = 1.5; the objective's metrics likewise.
     assert got["means"] == {"loss": pytest.approx(1.5), "loss_rec": pytest.approx(3.0)}
