@@ -1,5 +1,6 @@
 """What several test modules reuse: a real ImageFolder tree with good and bad files, fault
-injection hooks, a loopback gate that cuts a server off, ranks of a process group."""
+injection hooks, a loopback gate that cuts a server off, ranks of a process group, MLflow
+stores that start from an empty one made once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import contextlib
 import multiprocessing
 import os
 import pathlib
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 
@@ -147,3 +150,26 @@ def run_ranks(fn: Callable, args: tuple, nprocs: int = 2) -> None:
     (an error in a rank is raised here), forked from one fork server per test session."""
     multiprocessing.set_forkserver_preload([*RANK_PRELOAD, fn.__module__])
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
+_EMPTY_STORE: list[pathlib.Path] = []  # an empty SQLite store at MLflow's schema, made once
+
+
+def sqlite_uri(path: str | pathlib.Path) -> str:
+    """`sqlite:///<path>` for a test's own MLflow store, which starts as a copy of one empty
+    store. MLflow builds a new store's schema by running its migrations (about 0.8 CPU-s and a
+    second of SQLite syncs on the 2-core VM); the copy has the same schema and the same
+    Default experiment. A store made from nothing, as a user's first run makes it, is still
+    tested: the demo's console (test_console, which also sees MLflow's messages as it does
+    so) and test_tracking's stores."""
+    path = pathlib.Path(path)
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        empty = pathlib.Path(tempfile.mkdtemp(prefix="micl-empty-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{empty}").search_experiments()  # runs the migrations
+        _EMPTY_STORE.append(empty)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_EMPTY_STORE[0], path)
+    return f"sqlite:///{path}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from helpers import sqlite_uri
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -54,7 +55,7 @@ def _log_run(params: dict, final_knn: float | None) -> None:
 def store(tmp_path_factory):
     """A store holding one search (parent + 4 trials) and one stand-alone run."""
     tmp = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = sqlite_uri(tmp / "mlflow.db")
     with use_tracking_uri(uri):  # the fluent API writes the store; put back what was before
         exp = mlflow.create_experiment(EXPERIMENT, artifact_location=str(tmp / "artifacts"))
         trials = {}

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from helpers import sqlite_uri
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -157,7 +158,7 @@ def test_the_plots_draw_what_they_are_given():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("mlflow")
-    return f"sqlite:///{tmp / 'mlflow.db'}"
+    return sqlite_uri(tmp / 'mlflow.db')
 
 
 def test_metric_history_is_sorted_by_step(store):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import KillOnce
+from helpers import KillOnce, sqlite_uri
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from timm.optim import param_groups_layer_decay
@@ -250,7 +250,7 @@ def ft_config_overrides(store: Path) -> list[str]:
             "optim.epochs=3", "optim.warmup_epochs=0", "optim.blr=0.02", "finetune.mixup=0",
             "finetune.cutmix=0", "finetune.eval_crop_pct=1.0", "finetune.drop_path=0",
             "run.num_workers=1", "run.torch_threads=1", f"run.storage_path={store / 'runs'}",
-            f"run.tracking_uri=sqlite:///{store / 'mlflow.db'}"]
+            f"run.tracking_uri={sqlite_uri(store / 'mlflow.db')}"]
 
 
 @pytest.mark.parametrize(("name", "recipe"), [

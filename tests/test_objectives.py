@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import sqlite_uri
 from mlflow.tracking import MlflowClient
 
 from micl.artifacts import STATE_FILE, export_encoder, load_encoder, save_state
@@ -78,7 +79,7 @@ def tiny_config(store: Path, name: str, *overrides: str) -> Config:
         "data.map_batch_size=16", "data.knn_bank_size=64", "data.knn_query_size=32",
         "data.data_cpus=0.5", "optim.epochs=2", "optim.warmup_epochs=0", "optim.blr=0.02",
         "run.num_workers=1", "run.cpus_per_worker=1", "run.torch_threads=1",
-        f"run.storage_path={store / 'runs'}", f"run.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+        f"run.storage_path={store / 'runs'}", f"run.tracking_uri={sqlite_uri(store / 'mlflow.db')}",
         *overrides)
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 import torch
-from helpers import make_image_folder
+from helpers import make_image_folder, sqlite_uri
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -23,6 +22,7 @@ from micl.artifacts import (
     save_state,
 )
 from micl.config import load_config
+from micl.data.clock import held_clocks
 from micl.data.prepare import write_parquet_shards
 from micl.data.sources import DataError
 from micl.driver import run_pretraining, starts_local_ray
@@ -43,7 +43,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
         "optim.epochs=2", "optim.warmup_epochs=1", "optim.blr=1e-3",
         "run.num_workers=2", "run.cpus_per_worker=0.5", "data.data_cpus=0.5",
         f"run.storage_path={tmp_path / 'runs'}",
-        f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+        f"run.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}", *overrides])
 
 
 def check_mlflow_run(result, cfg, epochs: int) -> MlflowClient:
@@ -132,13 +132,12 @@ def test_parquet_from_a_file_uri_resumes_at_the_next_epoch(ray_local, tmp_path, 
                                 ctx.get_assigned_resources(), len(helpers),
                                 ctx.get_task_name()]) + "\n")
 
-    wait_for_no_helper_actors()  # the first fit's, which the GCS forgets a moment after
     second = run_pretraining(cfg(2, workers=1), hooks=[note_process])
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resume
     # One worker trains alone in a Ray task that holds the worker's CPUs: not in this
     # process, and not in a Ray Train worker (an actor, which starts with a controller and
     # helper actors: five processes a fit), named for the run where Ray lists tasks. micl's
-    # own helper is one actor: the epoch clock, which also relays the console.
+    # own helper is one actor: this process's epoch clocks (each relays its fit's console).
     where = {line for line in seen.read_text().splitlines()}
     assert where == {json.dumps([True, None, {"CPU": cfg(2, 1).run.cpus_per_worker}, 1,
                                  "micl-fit:resumable"])}, where
@@ -161,7 +160,7 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     debugger, and short runs without worker start-up). Ray Train keeps no checkpoint there, so
     the loop persists each one to the run directory itself, keeps run.keep_last of them, and a
     second fit with the same name resumes from the newest; this process's torch threads are
-    left as they were, and no bookkeeping actor of either fit outlives it."""
+    left as they were, and neither fit's epoch clock outlives it."""
     def cfg(epochs: int):
         return tiny_config(tmp_path, "data.source=synthetic", "data.synthetic_size=64",
                            "run.num_workers=0", "run.keep_last=1", "run.torch_threads=1",
@@ -181,20 +180,9 @@ def test_local_mode_persists_checkpoints_and_resumes(ray_local, tmp_path):
     assert [p.name for p in run_dir.glob("checkpoint_*")] == [Path(second.checkpoint_path).name]
     check_checkpoint_loads(second, cfg(2), check_mlflow_run(second, cfg(2), epochs=2))
     assert torch.get_num_threads() == threads
-    # Each fit's epoch clock is a process of its own: gone once the fit is (tests run one
-    # fit at a time, so no other test's clock is alive either).
-    assert wait_for_no_helper_actors() == []
-
-
-def wait_for_no_helper_actors(timeout_s: float = 10) -> list[dict]:
-    """micl's named helper actors still up once none are, or `timeout_s` has passed. Each is
-    a named actor (an epoch clock, micl-clock-...) whose name the GCS drops when it dies;
-    ray.kill returns before that: give it a few seconds."""
-    deadline = time.monotonic() + timeout_s
-    while (helpers := [a for a in ray.util.list_named_actors(all_namespaces=True)
-                       if a["namespace"] == "micl"]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return helpers
+    # Each fit's epoch clock goes with it: this process's clocks actor, which outlives the
+    # fits, holds none (tests run one fit at a time, so no other test's clock is there).
+    assert held_clocks() == []
 
 
 def test_the_storage_fallback_takes_the_newest_complete_checkpoint(tmp_path):

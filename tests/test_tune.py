@@ -9,6 +9,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from helpers import sqlite_uri
 from mlflow.tracking import MlflowClient
 from test_pipeline import tiny_config
 
@@ -144,7 +145,8 @@ def test_cli_search_where_no_trial_scores_says_why_and_exits_1(ray_local, tmp_pa
         "data.source=synthetic", "data.synthetic_size=8", "data.batch_size=16",
         "model.img_size=16", "model.patch_size=4", "model.in_chans=3", "model.embed_dim=32",
         "model.depth=2", "model.num_heads=2", "run.num_workers=1", "run.cpus_per_worker=1",
-        f"run.storage_path={tmp_path / 'runs'}", f"run.tracking_uri=sqlite:///{tmp_path / 'm.db'}")]
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"run.tracking_uri={sqlite_uri(tmp_path / 'm.db')}")]
     code = main(["--space", str(space), "--name", "doomed", "--out", str(tmp_path / "cmp"),
                  *config])
     err = capsys.readouterr().err
