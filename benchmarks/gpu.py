@@ -260,7 +260,7 @@ def end_to_end(s: Setup, args, device, compute_ips: float | None) -> list[object
     import ray
     import torch
 
-    from micl.data.clock import epoch_clock
+    from micl.data.clock import epoch_clock, new_clock_name
     from micl.data.sources import load_split
     from micl.data.stream import train_stream
     from micl.driver import check
@@ -279,8 +279,9 @@ def end_to_end(s: Setup, args, device, compute_ips: float | None) -> list[object
     cfg.data.path = str(path)
     cfg.data.map_batch_size = args.map_batch_size
     cfg = check(cfg)  # again, for the file source
-    clock = epoch_clock("gpu-bench-clock")
-    ds = train_stream(load_split(cfg, "train"), cfg, "gpu-bench-clock", stream_spec(cfg))
+    clock_name = new_clock_name("gpu-bench")
+    clock = epoch_clock(clock_name)
+    ds = train_stream(load_split(cfg, "train"), cfg, clock_name, stream_spec(cfg))
     step = Stepper(s, device, args.compile)
     on_gpu = device.type == "cuda"
     n = seen = 0

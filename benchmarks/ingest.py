@@ -149,7 +149,7 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
                                log_to_driver=False, object_store_memory=2 * 2**30,
                                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     import micl.data.stream as stream_mod
-    from micl.data.clock import epoch_clock
+    from micl.data.clock import epoch_clock, new_clock_name
     from micl.data.sources import load_split
     from micl.data.stream import train_stream
     from micl.objectives import stream_spec
@@ -164,7 +164,7 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
     epochs: list[tuple[int, float, float]] = []
     t0, c0 = time.perf_counter(), _common.tree_cpu_seconds()
     cfg = _ray_config(spec)
-    clock_name = f"bench-clock-{os.getpid()}"
+    clock_name = new_clock_name("bench")
     clock = epoch_clock(clock_name)
     ds = train_stream(load_split(cfg, "train"), cfg, clock_name, stream_spec(cfg))
     if spec.get("consume") == "split":  # what ray.train.DataConfig does for one worker

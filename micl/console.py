@@ -4,7 +4,7 @@ Ray forwards every worker's stdout and stderr to the driver, Ray's internals inc
 default run keeps that channel shut (`ray.init(log_to_driver=False)`: the output stays in
 Ray's log files) and the lines a user needs travel through one small actor instead:
 
-    training worker (rank 0)  --Console-->  the fit's EpochClock actor  --watch()-->  driver console
+    training worker (rank 0)  --Console-->  the fit's epoch clock  --watch()-->  driver console
 
 The driver draws them: a progress bar per epoch on a terminal (tqdm), one line every few
 seconds otherwise (`ray job submit` logs, CI), where a bar's carriage returns would make noise.
@@ -18,7 +18,6 @@ import math
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from typing import Any, TextIO
 
 import ray
 
-from micl.data.clock import NAMESPACE, epoch_clock
+from micl.data.clock import epoch_clock, find_clock, new_clock_name
 
 _VERBOSE = False
 
@@ -226,7 +225,7 @@ def view_console(view: ProgressView) -> Console:
 def relay_console(relay_name: str, every_s: float = 1.0) -> Console:
     """A worker's console: everything goes to the driver's relay (fire and forget; Ray keeps
     one caller's calls to an actor in order), progress at most every `every_s` seconds."""
-    relay = ray.get_actor(relay_name, namespace=NAMESPACE)
+    relay = find_clock(relay_name)
     return Console(lambda kind, payload: getattr(relay, kind).remote(payload), every_s)
 
 
@@ -249,7 +248,7 @@ def watch(view: ProgressView | None = None, poll_s: float = 0.5) -> Iterator[str
     ends (then drained once more, so no line is lost); yields the clock's name, which the fit
     uses as its clock and the workers look up to print. The block owns it."""
     view = view or ProgressView()
-    relay_name = f"micl-clock-{uuid.uuid4().hex[:12]}"
+    relay_name = new_clock_name("console")
     relay = epoch_clock(relay_name)
     stop = threading.Event()
 
@@ -275,4 +274,4 @@ def watch(view: ProgressView | None = None, poll_s: float = 0.5) -> Iterator[str
             drain()
         finally:
             view.close()
-            ray.kill(relay)
+            relay.close()

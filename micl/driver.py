@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from micl.console import (
     view_console,
     watch,
 )
-from micl.data.clock import epoch_clock
+from micl.data.clock import epoch_clock, new_clock_name
 from micl.data.sources import check_source, data_location, load_split, split_size
 from micl.data.stream import (
     eval_stream,
@@ -55,7 +54,7 @@ from micl.tracking import tracking_uri as default_tracking_uri
 from micl.train import LoopSpec, SoloHost, StepHook, seal_spec, train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-_CLOCKS: list[Any] = []  # the epoch clock of the fit under way (alive while it runs)
+_CLOCKS: list[Any] = []  # the epoch clock of the fit under way (dropped when it ends)
 
 
 class PretrainError(RuntimeError):
@@ -188,21 +187,21 @@ def knn_sets(cfg: Config, cache: bool = True) -> dict[str, ray.data.Dataset]:
 
 
 def fit_clock(run_name: str) -> str:
-    """A fresh epoch clock for one fit, held here until the fit ends (an actor whose handles
-    are all dropped is destroyed); returns its name. A process fits one run at a time, so
+    """A fresh epoch clock for one fit, in this process's EpochClocks actor until the fit
+    ends; returns its name. A process fits one run at a time, so
     any clock still held belongs to a fit that is over (one built and fitted without
     `fit_tracked`, as benchmarks/trainer.py does)."""
     release_clocks()
-    name = f"micl-clock-{run_name}-{uuid.uuid4().hex[:8]}"
+    name = new_clock_name(run_name)
     _CLOCKS.append(epoch_clock(name))
     return name
 
 
 def release_clocks() -> None:
-    """End the epoch clocks of fits that are over: each is a process of its own, and a
-    process that runs fit after fit (a notebook, a test session) would keep them all."""
+    """Drop the epoch clocks of fits that are over, which a process that runs fit after fit
+    (a notebook, a test session) would otherwise keep."""
     while _CLOCKS:
-        ray.kill(_CLOCKS.pop())
+        _CLOCKS.pop().close()
 
 
 def build_trainer(cfg: Config, run_name: str, mlflow_run_id: str | None,

@@ -81,7 +81,7 @@ class LoopSpec:
     config: dict[str, Any]  # Config.to_dict(), with run.tracking_uri and storage resolved
     num_train: int  # training samples (files) in the split, before undecodable ones
     run_dir: str  # this Ray Train run's directory on storage (local path or pyarrow URI)
-    clock_name: str  # the EpochClock actor of this fit (data.clock; also counts restarts)
+    clock_name: str  # this fit's epoch clock (micl.data.clock; also counts restarts)
     mlflow_run_id: str | None = None  # None: no tracking store
     hooks: Sequence[StepHook] = ()  # called after every optimizer step, on every worker
     console_name: str | None = None  # the clock that relays to the driver (None: rank 0 prints)

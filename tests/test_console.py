@@ -29,7 +29,7 @@ from micl.console import (
     format_duration,
     progress_line,
 )
-from micl.data.clock import EpochClock
+from micl.data.clock import epoch_clock, new_clock_name
 from micl.tracking import use_tracking_uri
 from pipelines.pretrain import main as pretrain_cli
 
@@ -99,7 +99,7 @@ def test_console_throttles_and_tracks_items():
 def test_relay_keeps_lines_in_order_and_only_the_newest_progress(ray_local):
     """A fit's epoch clock relays its console (micl.console.watch): lines in order, only the
     newest progress report between two lines, each event taken once."""
-    relay = EpochClock.remote()
+    relay = epoch_clock(new_clock_name("test-relay"))
     for call in (relay.line.remote("a"), relay.progress.remote(Progress("e", 1, 9, "steps", 1)),
                  relay.progress.remote(Progress("e", 2, 9, "steps", 2)), relay.line.remote("b"),
                  relay.progress.remote(Progress("e", 3, 9, "steps", 3))):
@@ -108,7 +108,7 @@ def test_relay_keeps_lines_in_order_and_only_the_newest_progress(ray_local):
     assert [(k, p if k == "line" else p.done) for k, p in events] == \
         [("line", "a"), ("progress", 2), ("line", "b"), ("progress", 3)]
     assert ray.get(relay.take.remote()) == []
-    ray.kill(relay)
+    relay.close()
 
 
 # ----------------------------------------------------------------------------- end to end

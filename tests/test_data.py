@@ -18,7 +18,7 @@ from helpers import BAD_FILES, make_image_folder
 from PIL import Image
 
 from micl.config import Config, ConfigError
-from micl.data.clock import epoch_clock
+from micl.data.clock import epoch_clock, new_clock_name
 from micl.data.idx import read_fashion_mnist, read_idx
 from micl.data.masking import patches_per_view
 from micl.data.prepare import write_parquet_shards
@@ -352,9 +352,9 @@ def test_each_epoch_mixes_new_batches_of_an_in_memory_set(ray_local):
 
 
 def test_the_helper_actors_of_a_fit_start_without_ray_data():
-    """Each fit starts an epoch clock (which also relays its console), a process that first
-    imports its class's module: those import Ray and nothing heavy (Ray Data, pyarrow, PIL,
-    torch)."""
+    """A driver's epoch clocks (which also relay the console) are an actor, a process that
+    first imports its class's module: those import Ray and nothing heavy (Ray Data, pyarrow,
+    PIL, torch)."""
     probe = ("import sys, ray, micl.console, micl.data.clock; print(sorted(m for m in "
              "('ray.data', 'pyarrow', 'PIL', 'numpy', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)
@@ -364,23 +364,24 @@ def test_the_helper_actors_of_a_fit_start_without_ray_data():
 def test_epoch_clock_drives_the_epoch(ray_local, folder):
     cfg = folder_cfg(folder["root"])
     ds = load_split(cfg, "train")
-    clock = epoch_clock("test-data-clock")
+    name = new_clock_name("test-data")
+    clock = epoch_clock(name)
     ray.get(clock.set.remote(7))
-    assert ray.get(epoch_clock("test-data-clock").get.remote()) == 7  # get-or-create
+    assert ray.get(epoch_clock(name).get.remote()) == 7  # get-or-create
     # One Dataset, re-executed per epoch.
-    stream = train_stream(ds, cfg, "test-data-clock", stream_spec(cfg))
+    stream = train_stream(ds, cfg, name, stream_spec(cfg))
     for epoch in (2, 5):
         ray.get(clock.set.remote(epoch))
         got = by_id(collect(stream))
         want = by_id(collect(train_stream(ds, cfg, epoch, stream_spec(cfg))))
         assert (got["view1"] == want["view1"]).all() and (got["image"] == want["image"]).all()
-    ray.kill(clock)
+    clock.close()
 
 
 def test_epoch_clock_counts_a_restarted_epoch_afresh(ray_local):
     """Each worker starts each epoch with set(epoch, attempt); a restart after a worker died
     in that epoch streams it again, so its bad files are counted again from zero."""
-    clock = epoch_clock("test-data-restart-clock")
+    clock = epoch_clock(new_clock_name("test-data-restart"))
     for rank in (0, 1):
         ray.get(clock.set.remote(2, 0))
         ray.get(clock.add_skipped.remote(2, 3, [f"bad-{rank}.jpg"]))
@@ -391,7 +392,7 @@ def test_epoch_clock_counts_a_restarted_epoch_afresh(ray_local):
     ray.get(clock.add_skipped.remote(2, 3, ["bad-1.jpg"]))
     count, examples = ray.get(clock.skipped.remote(2))
     assert count == 6 and examples == ["bad-0.jpg", "bad-1.jpg"]
-    ray.kill(clock)
+    clock.close()
 
 
 def test_all_bad_batch_raises(ray_local, tmp_path):

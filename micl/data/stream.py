@@ -9,11 +9,11 @@ Every random choice for a sample (crop, flip, masks, in that order) comes from
 `sample_rng(run.seed, epoch, sample_id)`, so a sample's view in an epoch is the same whatever
 the batching, the number of workers or the execution order.
 
-The epoch is either a fixed int, or the name of an `EpochClock` actor that the training loop
-sets before iterating each epoch (the same Dataset object is re-executed every epoch, so the
-epoch cannot be baked into it).
+The epoch is either a fixed int, or the name of an epoch clock (micl.data.clock) that the
+training loop sets before iterating each epoch (the same Dataset object is re-executed every
+epoch, so the epoch cannot be baked into it).
 
-Undecodable rows are dropped and counted. With an EpochClock, each map batch that dropped rows
+Undecodable rows are dropped and counted. With an epoch clock, each map batch that dropped rows
 reports the count (and a few paths) to the clock, which the training loop reads after the
 epoch: an exact count. For direct use with a fixed epoch, the `skipped` column holds, on the
 first kept row of each map batch, how many rows that batch dropped (0 elsewhere), so summing
@@ -39,7 +39,7 @@ from PIL import Image
 
 from micl.config import Config
 from micl.data.augment import RandAugment, strong_augment
-from micl.data.clock import NAMESPACE
+from micl.data.clock import NAMESPACE, ClockRef, find_clock
 from micl.data.masking import sample_rng
 from micl.data.sources import DataError, source_for
 from micl.data.transforms import (
@@ -58,7 +58,7 @@ _CROP_RATIO = (3 / 4, 4 / 3)
 # ----------------------------------------------------------------------------- epoch clock
 
 
-_CLOCK_HANDLES: dict[str, Any] = {}  # per worker process: name -> actor handle
+_CLOCK_HANDLES: dict[str, ClockRef] = {}  # per worker process: clock name -> its clock
 
 
 def _clock_epoch(name: str) -> int:
@@ -72,7 +72,7 @@ def _call_clock(name: str, method: str, *args: Any) -> Any:
         handle = _CLOCK_HANDLES.get(name)
         if handle is None:
             try:
-                handle = ray.get_actor(name, namespace=NAMESPACE)
+                handle = find_clock(name)
             except ValueError:
                 raise DataError(f"data error: no epoch clock {name!r} in namespace "
                                 f"{NAMESPACE!r}: call epoch_clock(name) before iterating "
@@ -143,7 +143,7 @@ def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: Stre
     Columns: image uint8 [B, C, H, W] (C = model.in_chans, H = W = model.img_size), one more
     such column per extra view in `spec.views` (macrl: image_strong), label int64 [B],
     sample_id int64 [B], one int64 [B, k] array per mask of the spec (micl: view1, view2),
-    skipped int64 [B] (see the module docstring). `epoch`: an int, or an EpochClock name. Per
+    skipped int64 [B] (see the module docstring). `epoch`: an int, or an epoch clock's name. Per
     sample, the views are drawn in column order, then the masks.
     """
     _check_shape_config(cfg)
@@ -213,7 +213,7 @@ class _TrainMapper:
         if isinstance(epoch, np.integer):
             epoch = int(epoch)
         if isinstance(epoch, bool) or not isinstance(epoch, int | str):
-            raise TypeError(f"epoch must be an int or an EpochClock name, not {epoch!r}")
+            raise TypeError(f"epoch must be an int or an epoch clock's name, not {epoch!r}")
         self.cfg = cfg
         self.epoch = epoch
         self.spec = spec
