@@ -88,6 +88,16 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
+# How long a local Ray keeps an idle worker process that it could end. Ray ends one after 1 s
+# once a node runs more worker processes than it has CPUs, which a small machine always does
+# (the trainer, the epoch clocks and Ray Data's own actors alone exceed 2 CPUs): every epoch's
+# decode/mask tasks then started Python and their imports again (1-2 CPU-s a process), each
+# time the loop paused between epochs for its kNN evaluation and checkpoint. Kept 30 s, the
+# next epoch's tasks reuse them: a Tune search of 2 trials took 69.9 s instead of 118.3 s at
+# 0.6 CPU (BENCHMARKS.md, "Idle workers"). A value in the environment wins.
+IDLE_WORKER_KEEP_MS = 30_000
+
+
 def connect_ray(num_cpus: int | None = None, address: str | None = None,
                 paths: Sequence[str] = (), dashboard: bool | None = None) -> None:
     """Join the cluster this process belongs to (`ray job submit`, RAY_ADDRESS, `ray start`)
@@ -117,8 +127,11 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None,
         # (unless the user asks for it). Together about 12 % of a tiny fit's CPU time
         # (BENCHMARKS.md, "Fixed cost").
         watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        keep_ms = os.environ.get("RAY_idle_worker_killing_time_threshold_ms",
+                                 str(IDLE_WORKER_KEEP_MS))
         with patch.dict(os.environ, PYTHONPATH=pythonpath,
-                        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=watcher):  # as it was after
+                        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=watcher,
+                        RAY_idle_worker_killing_time_threshold_ms=keep_ms):  # as it was after
             ray.init(**init)
     else:
         ray.init(**init, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})

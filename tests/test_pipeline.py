@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +252,32 @@ def test_cli_config_error_is_one_clear_line(override, field, fresh_process, caps
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], err
+
+
+@ray.remote
+class CpuHolder:  # holds CPUs for as long as it lives, as a fit's trainer and tasks do
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=0)
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def test_a_local_ray_keeps_an_idle_task_process_for_the_next_epoch(ray_local):
+    """The next epoch's decode tasks find the last epoch's worker processes. Ray ends an idle
+    worker process after 1 s when a node has fewer free CPUs than idle workers, as it has
+    while a fit holds them; each epoch's tasks then started Python and their imports again.
+    micl's local Ray keeps them 30 s (driver.IDLE_WORKER_KEEP_MS)."""
+    holder = CpuHolder.options(num_cpus=2).remote()  # the session Ray's two CPUs
+    ray.get(holder.pid.remote(), timeout=120)
+    pid = ray.get(worker_pid.remote())
+    time.sleep(3)  # a pause between epochs: kNN evaluation, checkpoint
+    try:
+        assert Path(f"/proc/{pid}").exists(), "the idle task process was ended"
+    finally:
+        ray.kill(holder)
 
 
 def test_which_addresses_start_a_local_ray(monkeypatch):
