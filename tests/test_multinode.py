@@ -19,7 +19,7 @@ module; every run reaches it through `ray job submit --working-dir`, as a user's
   parent run on the server. Each trial has one worker, so it trains in its own process, which
   holds the trainer resource (micl.tune): no Ray Train worker starts.
 
-Wherever a run's decode/mask tasks ran, the state API says so: on the data nodes only.
+Wherever a run's read and decode/mask tasks ran, the state API says so: on the data nodes only.
 Processes are stopped by pid, never with `ray stop` (see tests/test_cluster.py).
 
 Leave the checkout alone while this module runs. The simulated nodes share one session
@@ -412,12 +412,14 @@ def job_state(env: Env, job: Job, lister, *filters: tuple[str, str, str]) -> lis
 
 
 def where_it_ran(env: Env, job: Job) -> tuple[set[str], dict[str, set[str]]]:
-    """(node ids of the job's training workers, {decode/mask task name: node ids})."""
+    """(node ids of the job's training workers, {read or decode/mask task name: node ids})."""
     from ray.util.state import list_tasks
 
     mappers: dict[str, set[str]] = {}
     for t in job_state(env, job, list_tasks):  # (a task the stream no longer needed: no node)
-        if ("_TrainMapper" in t.name or "_EvalMapper" in t.name) and t.node_id is not None:
+        data_task = t.name.startswith("Read") or "_TrainMapper" in t.name or \
+            "_EvalMapper" in t.name  # (a read fuses into the decode task that follows it)
+        if data_task and t.node_id is not None:
             mappers.setdefault(t.name, set()).add(t.node_id)
     return live_workers(env, job, alive_only=False), mappers
 
@@ -434,7 +436,7 @@ def live_workers(env: Env, job: Job, alive_only: bool = True,
 
 
 def check_data_nodes_only(mappers: dict[str, set[str]], data: set[str]) -> None:
-    assert mappers, "no decode/mask task found"
+    assert any("Mapper" in name for name in mappers), f"no decode/mask task: {mappers}"
     elsewhere = {name: ids - data for name, ids in mappers.items() if ids - data}
     assert not elsewhere, elsewhere
 
@@ -527,7 +529,7 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
     for epoch, ids in epochs.items():
         assert sorted(ids) == good_ids, (epoch, len(ids), len(set(ids)))
     # Where it ran: workers on trainer nodes (two of the first group, then the survivor and
-    # the spare), every decode/mask task on a data node (the lost one included).
+    # the spare), every read and decode/mask task on a data node (the lost one included).
     assert len(first_group) == 2 and workers == env.node_ids([lost_trainer, *env.trainers]), \
         (first_group, workers)
     check_data_nodes_only(mappers, env.node_ids([lost_data, *env.data]))

@@ -144,6 +144,14 @@ def _require_path(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- public API
 
 
+def read_task_options(cfg: Config) -> dict[str, Any]:
+    """Ray options of a split's read tasks: with data.node_labels, the label selector of the
+    decode/mask tasks (micl.data.stream.data_task_options). The files are then read on the data
+    node that decodes them, not on a GPU node and shipped, and the read fuses into the decode
+    task again, as it does on one machine (Ray fuses tasks whose selectors agree)."""
+    return {"label_selector": dict(cfg.data.node_labels)} if cfg.data.node_labels else {}
+
+
 def load_split(cfg: Config, split: str, limit: int | None = None) -> ray.data.Dataset:
     """The raw samples of `split` (cfg.data.train_split or cfg.data.val_split) of cfg.data.source.
 
@@ -341,9 +349,10 @@ class ImageFolder(Source):
             paths, include_paths=True, filesystem=fs,
             override_num_blocks=_file_blocks(len(paths), cfg.data.map_batch_size),
             shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None,
+            ray_remote_args=read_task_options(cfg),
         )
         return ds.map_batches(_FolderLabeler(root, index), batch_format="pyarrow",
-                              batch_size=None)
+                              batch_size=None, **read_task_options(cfg))
 
     @classmethod
     def size(cls, cfg: Config, split: str, cap: int | None) -> int:
@@ -439,15 +448,18 @@ class Parquet(Source):
     def load(cls, cfg: Config, split: str, cap: int | None) -> ray.data.Dataset:
         fs, files, columns = _parquet_files(cfg, split)
         train = _is_train(cfg, split)
+        options = read_task_options(cfg)
         if cap:  # prepare_data.py shuffles rows across shards, so the first rows are a fair sample
-            ds = _first_parquet_rows(fs, files, columns, cap)
+            ds = _first_parquet_rows(fs, files, columns, cap, options)
         else:
             # One read task per shard: the training stream maps whole blocks, so Ray fuses the
             # read into the map task (no SplitBlocks operator, no object-store hop in between).
             ds = _read_parquet(files, fs, columns, override_num_blocks=len(files),
-                               shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None)
+                               shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None,
+                               ray_remote_args=options)
         if "path" not in columns:
-            ds = ds.map_batches(_add_empty_path, batch_format="pyarrow", batch_size=None)
+            ds = ds.map_batches(_add_empty_path, batch_format="pyarrow", batch_size=None,
+                                **options)
         return ds
 
     @classmethod
@@ -490,8 +502,8 @@ def _parquet_files(cfg: Config, split: str) -> tuple[pafs.FileSystem, list[str],
     return fs, files, columns
 
 
-def _first_parquet_rows(fs: pafs.FileSystem, files: list[str], columns: list[str], n: int
-                        ) -> ray.data.Dataset:
+def _first_parquet_rows(fs: pafs.FileSystem, files: list[str], columns: list[str], n: int,
+                        options: dict[str, Any]) -> ray.data.Dataset:
     """Exactly the first n rows in (sorted) file order, the same rows on every execution:
     whole files up to n, plus the head of the next file read by a single task (a limit over
     parallel reads would keep whichever rows arrive first)."""
@@ -501,11 +513,13 @@ def _first_parquet_rows(fs: pafs.FileSystem, files: list[str], columns: list[str
             break
         rows = pq.read_metadata(f, filesystem=fs).num_rows
         if total + rows > n:
-            rest = _read_parquet([f], fs, columns, override_num_blocks=1).limit(n - total)
-            return _read_parquet(whole, fs, columns).union(rest) if whole else rest
+            rest = _read_parquet([f], fs, columns, override_num_blocks=1,
+                                 ray_remote_args=options).limit(n - total)
+            return _read_parquet(whole, fs, columns, ray_remote_args=options).union(rest) \
+                if whole else rest
         whole.append(f)
         total += rows
-    return _read_parquet(whole, fs, columns)
+    return _read_parquet(whole, fs, columns, ray_remote_args=options)
 
 
 def _read_parquet(files: list[str], fs: pafs.FileSystem, columns: list[str], **kwargs: Any
@@ -613,7 +627,8 @@ class Synthetic(Source):
         ids = ray.data.range(n, override_num_blocks=blocks)
         if _is_train(cfg, split):  # the order of the ids, before any image is generated
             ids = epoch_block_order(ids, cfg)
-        return ids.map_batches(generate, batch_format="numpy", batch_size=None)
+        return ids.map_batches(generate, batch_format="numpy", batch_size=None,
+                               **read_task_options(cfg))
 
     @classmethod
     def location(cls, cfg: Config) -> str:

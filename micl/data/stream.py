@@ -41,7 +41,7 @@ from micl.config import Config
 from micl.data.augment import RandAugment, strong_augment
 from micl.data.clock import NAMESPACE, ClockRef, find_clock
 from micl.data.masking import sample_rng
-from micl.data.sources import DataError, source_for
+from micl.data.sources import DataError, read_task_options, source_for
 from micl.data.transforms import (
     center_box,
     crop_resize_fast,
@@ -128,12 +128,9 @@ class StreamSpec:
 
 def data_task_options(cfg: Config) -> dict[str, Any]:
     """Ray options of the decode/mask tasks: their CPUs and, when data.node_labels is set,
-    the label selector that keeps them on the data nodes (the read of a Parquet shard then
-    no longer fuses into the task: a selector is an option the read does not share)."""
-    options: dict[str, Any] = {"num_cpus": cfg.data.data_cpus}
-    if cfg.data.node_labels:
-        options["label_selector"] = dict(cfg.data.node_labels)
-    return options
+    the label selector that keeps them on the data nodes, which the reads share
+    (sources.read_task_options)."""
+    return {"num_cpus": cfg.data.data_cpus, **read_task_options(cfg)}
 
 
 def train_stream(ds: ray.data.Dataset, cfg: Config, epoch: int | str, spec: StreamSpec
