@@ -89,13 +89,14 @@ def resolve(cfg: Config) -> Config:
 
 
 # How long a local Ray keeps an idle worker process that it could end. Ray ends one after 1 s
-# once a node runs more worker processes than it has CPUs, which a small machine always does
-# (the trainer, the epoch clocks and Ray Data's own actors alone exceed 2 CPUs): every epoch's
-# decode/mask tasks then started Python and their imports again (1-2 CPU-s a process), each
-# time the loop paused between epochs for its kNN evaluation and checkpoint. Kept 30 s, the
-# next epoch's tasks reuse them: a Tune search of 2 trials took 69.9 s instead of 118.3 s at
-# 0.6 CPU (BENCHMARKS.md, "Idle workers"). A value in the environment wins.
-IDLE_WORKER_KEEP_MS = 30_000
+# when its node has fewer free CPUs than idle workers, which is the case while a fit holds
+# them: every epoch's decode/mask tasks then started Python and their imports again (1-2 CPU-s
+# a process), each time the loop paused between epochs for its kNN evaluation and checkpoint.
+# Kept, the next epoch's tasks reuse them: a Tune search of 2 trials took 69.9 s instead of
+# 118.3 s at 0.6 CPU with 30 s; 60 s also covers a slow machine's wait between the driver's
+# kNN sets and the first training tasks (BENCHMARKS.md, "Processes the suite no longer starts
+# again and again"). A value in the environment wins.
+IDLE_WORKER_KEEP_MS = 60_000
 
 
 def connect_ray(num_cpus: int | None = None, address: str | None = None,

@@ -77,7 +77,7 @@ def node_env() -> dict[str, str]:
     # The head's GCS checks each raylet every second instead of every 3 s: a killed node (its
     # port refuses at once) is declared dead after 5 failed checks, in about 5 s instead of 15.
     # A busy but live raylet is safe: a check fails only when it gets no answer in 10 s.
-    # And each node keeps an idle worker process 30 s, as micl's local Ray does (driver.py,
+    # And each node keeps an idle worker process 60 s, as micl's local Ray does (driver.py,
     # IDLE_WORKER_KEEP_MS): a 1-CPU node otherwise ends it after 1 s whenever its CPU is held,
     # and the next epoch's (or attempt's) tasks start Python and their imports again.
     return {**ray_env(), "RAY_raylet_start_wait_time_s": "120",

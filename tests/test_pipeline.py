@@ -269,7 +269,7 @@ def test_a_local_ray_keeps_an_idle_task_process_for_the_next_epoch(ray_local):
     """The next epoch's decode tasks find the last epoch's worker processes. Ray ends an idle
     worker process after 1 s when a node has fewer free CPUs than idle workers, as it has
     while a fit holds them; each epoch's tasks then started Python and their imports again.
-    micl's local Ray keeps them 30 s (driver.IDLE_WORKER_KEEP_MS)."""
+    micl's local Ray keeps them 60 s (driver.IDLE_WORKER_KEEP_MS)."""
     holder = CpuHolder.options(num_cpus=2).remote()  # the session Ray's two CPUs
     ray.get(holder.pid.remote(), timeout=120)
     pid = ray.get(worker_pid.remote())
