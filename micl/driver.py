@@ -202,9 +202,9 @@ def knn_sets(cfg: Config, cache: bool = True) -> dict[str, ray.data.Dataset]:
 
 def fit_clock(run_name: str) -> str:
     """A fresh epoch clock for one fit, in this process's EpochClocks actor until the fit
-    ends; returns its name. A process fits one run at a time, so
-    any clock still held belongs to a fit that is over (one built and fitted without
-    `fit_tracked`, as benchmarks/trainer.py does)."""
+    ends; returns its name. A process fits one run at a time, so any clock still held
+    belongs to a fit that is over (one built and fitted without `fit_tracked`, as
+    benchmarks/trainer.py does)."""
     release_clocks()
     name = new_clock_name(run_name)
     _CLOCKS.append(epoch_clock(name))

@@ -47,7 +47,7 @@ from micl.console import (
     relay_warnings,
     silent_console,
 )
-from micl.data.clock import epoch_clock
+from micl.data.clock import find_clock
 from micl.data.sources import DataError
 from micl.data.transforms import normalize
 from micl.evaluate import extract_features, knn_top1
@@ -320,7 +320,7 @@ def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, spec: LoopSpec, w: Worker
            ) -> TrainState:
     """Restore model, optimizer, counters and RNG from the fit's latest checkpoint, if any."""
-    restarts = [ray.get(epoch_clock(spec.clock_name).count_start.remote()) if w.rank == 0 else 0]
+    restarts = [ray.get(find_clock(spec.clock_name).count_start.remote()) if w.rank == 0 else 0]
     if w.world > 1:
         dist.broadcast_object_list(restarts, src=0)
     state = TrainState(restarts=restarts[0])
@@ -469,7 +469,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config,
                 spec: LoopSpec, state: TrainState, w: Worker, logger: RunLogger | None
                 ) -> EpochSums:
     """One pass over this worker's shard; state.step counts applied optimizer steps."""
-    ray.get(epoch_clock(spec.clock_name).set.remote(state.epoch, state.restarts))
+    ray.get(find_clock(spec.clock_name).set.remote(state.epoch, state.restarts))
     model.train()
     sums, t0 = EpochSums(), time.perf_counter()
     per_epoch = steps_per_epoch(spec.num_train, cfg, w.world)
@@ -608,7 +608,7 @@ def epoch_metrics(sums: EpochSums, cfg: Config, spec: LoopSpec, state: TrainStat
     """All-reduce the epoch's sums, enforce data.max_bad_fraction, count the epoch done; the
     metrics every loop reports."""
     total = sums.reduce(w.device)
-    skipped, examples = ray.get(epoch_clock(spec.clock_name).skipped.remote(state.epoch))
+    skipped, examples = ray.get(find_clock(spec.clock_name).skipped.remote(state.epoch))
     if skipped > cfg.data.max_bad_fraction * spec.num_train:
         raise DataError(
             f"data error: {skipped} of {spec.num_train} files could not be decoded in epoch "

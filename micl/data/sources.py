@@ -345,14 +345,15 @@ class ImageFolder(Source):
         train = _is_train(cfg, split)
         paths = [posixpath.join(root, rel) for rel, _ in files]
         index = {c: i for i, c in enumerate(classes)}
+        options = read_task_options(cfg)
         ds = ray.data.read_binary_files(
             paths, include_paths=True, filesystem=fs,
             override_num_blocks=_file_blocks(len(paths), cfg.data.map_batch_size),
             shuffle=FileShuffleConfig(seed=cfg.run.seed) if train else None,
-            ray_remote_args=read_task_options(cfg),
+            ray_remote_args=options,
         )
         return ds.map_batches(_FolderLabeler(root, index), batch_format="pyarrow",
-                              batch_size=None, **read_task_options(cfg))
+                              batch_size=None, **options)
 
     @classmethod
     def size(cls, cfg: Config, split: str, cap: int | None) -> int:
