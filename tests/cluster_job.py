@@ -2,20 +2,26 @@
 as users run it (its own console and exit code), with one step hook added that records, per
 worker, which samples each step trained on, and holds rank 0 at given optimizer steps until the
 test says go on, so that the test can take a node or the MLflow server away at a known point of
-the run.
+the run; then, when the run succeeded, `pipelines/tune.py` in the same driver.
 
-    python tests/cluster_job.py OUT_DIR PAUSE_STEPS -- <pipelines/pretrain.py arguments>
+    python tests/cluster_job.py OUT_DIR PAUSE_STEPS -- <pretrain.py args> [-- <tune.py args>]
 
 PAUSE_STEPS: e.g. 3,14 (or "-": none). Writes OUT_DIR/ids.<rank> (one JSON line per step:
 [epoch, step, sample ids]); at a pause step rank 0 writes OUT_DIR/paused.<step> and waits for
 OUT_DIR/resume.<step> (each step pauses once: a restarted worker group passes it). The hook is
 defined here, in `__main__`, so that Ray ships it to the workers by value; it reaches the run
 through the one function the pipeline calls, wrapped here.
+
+The search runs in the same job, as a user's script that pre-trains and then searches would:
+one driver, one job, so its decode tasks find the data nodes' worker processes of the run
+before it instead of starting (and importing) their own; a second job would cost a driver, a
+job supervisor and those processes again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import micl.driver  # noqa: E402
-from pipelines import pretrain  # noqa: E402
+from pipelines import pretrain, tune  # noqa: E402
 
 
 class RecordAndPause:
@@ -47,13 +53,25 @@ class RecordAndPause:
 
 
 def main(argv: list[str]) -> int:
-    out, pauses, dashes, *pipeline_args = argv
+    out, pauses, dashes, *rest = argv
     assert dashes == "--", __doc__
+    pretrain_args, search_args = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) \
+        if "--" in rest else (rest, None)
     Path(out).mkdir(parents=True, exist_ok=True)
     hook = RecordAndPause(out, [int(s) for s in pauses.split(",")] if pauses != "-" else [])
     run = micl.driver.run_pretraining
     micl.driver.run_pretraining = lambda cfg, hooks=(): run(cfg, hooks=[*hooks, hook])
-    return pretrain.main(pipeline_args)
+    cwd = os.getcwd()
+    code = pretrain.main(pretrain_args)
+    micl.driver.run_pretraining = run
+    if code != 0 or search_args is None:
+        return code
+    # On the simulated cluster every node unpacks the job's package into one shared session
+    # directory, and a node that meets it first deletes and unpacks it again in place: this
+    # process's working directory may be gone by now, and Tune asks for it. The path is
+    # there again (a real cluster's nodes each unpack to their own disk).
+    os.chdir(cwd)
+    return tune.main(search_args)
 
 
 if __name__ == "__main__":

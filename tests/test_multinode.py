@@ -15,21 +15,20 @@ module; every run reaches it through `ray job submit --working-dir`, as a user's
   the shared checkpoint: restarts = 1, no epoch logged twice), and the MLflow server stops and
   comes back while the restarted group redoes epoch 2 (one warning each way; every metric value
   arrives). The upload holds the code, not the virtualenv or local runs.
-- A Tune search runs its two trials side by side, one on each trainer node, nested under their
-  parent run on the server. Each trial has one worker, so it trains in its own process, which
-  holds the trainer resource (micl.tune): no Ray Train worker starts.
+- Then, in the same job and driver, `pipelines/tune.py` runs a search whose two trials run
+  side by side, one on each trainer node left, nested under their parent run on the server.
+  Each trial has one worker, so it trains in its own process, which holds the trainer resource
+  (micl.tune): no Ray Train worker starts. One job for both spares a second driver, job
+  supervisor and set of decode processes (tests/cluster_job.py); the fixture `faults_run` runs
+  it, and each test checks its half.
 
 Wherever a run's read and decode/mask tasks ran, the state API says so: on the data nodes only.
 Processes are stopped by pid, never with `ray stop` (see tests/test_cluster.py).
 
-Leave the checkout alone while this module runs. The simulated nodes share one session
-directory, and a node's runtime-env agent that meets a working-dir package for the first time
-deletes and unpacks it again in place (Ray's `overwrite=True`), under the job driver already
-running in it. The search job's driver (Tune's result listing calls `os.getcwd()`) then fails
-with FileNotFoundError if an edit between the two submissions gave the search a package of its
-own. For the same reason run the module whole: `-k search` alone fails so, as the trainer nodes
-then meet the package first during the search. On a real cluster each node unpacks to its own
-disk.
+The simulated nodes share one session directory, so every node unpacks the job's package into
+the same place, and a node that meets it first deletes and unpacks it again in place, under
+the job's driver (tests/cluster_job.py steps back into its directory before the search). On a
+real cluster each node unpacks to its own disk.
 """
 
 from __future__ import annotations
@@ -411,8 +410,8 @@ def job_state(env: Env, job: Job, lister, *filters: tuple[str, str, str]) -> lis
                   detail=True, limit=10000, raise_on_missing_output=False)
 
 
-def where_it_ran(env: Env, job: Job) -> tuple[set[str], dict[str, set[str]]]:
-    """(node ids of the job's training workers, {read or decode/mask task name: node ids})."""
+def where_it_ran(env: Env, job: Job) -> dict[str, set[str]]:
+    """{read or decode/mask task name of the job: node ids it ran on}."""
     from ray.util.state import list_tasks
 
     mappers: dict[str, set[str]] = {}
@@ -421,18 +420,19 @@ def where_it_ran(env: Env, job: Job) -> tuple[set[str], dict[str, set[str]]]:
             "_EvalMapper" in t.name  # (a read fuses into the decode task that follows it)
         if data_task and t.node_id is not None:
             mappers.setdefault(t.name, set()).add(t.node_id)
-    return live_workers(env, job, alive_only=False), mappers
+    return mappers
 
 
-def live_workers(env: Env, job: Job, alive_only: bool = True,
-                 class_name: str = "RayTrainWorker") -> set[str]:
-    """Node ids of the job's training workers (alive now, or ever); with `class_name`
-    "ImplicitFunc", of its Tune trials' own processes."""
+def job_actors(env: Env, job: Job, class_name: str) -> list:
+    """The state API's records of the job's actors of `class_name`, alive or not."""
     from ray.util.state import list_actors
 
-    alive = [("state", "=", "ALIVE")] if alive_only else []
-    return {a.node_id for a in job_state(env, job, list_actors,
-                                         ("class_name", "=", class_name), *alive)}
+    return job_state(env, job, list_actors, ("class_name", "=", class_name))
+
+
+def live_workers(env: Env, job: Job) -> set[str]:
+    """Node ids of the job's training workers alive now."""
+    return {a.node_id for a in job_actors(env, job, "RayTrainWorker") if a.state == "ALIVE"}
 
 
 def check_data_nodes_only(mappers: dict[str, set[str]], data: set[str]) -> None:
@@ -468,10 +468,27 @@ def ids_by_epoch(out: Path) -> dict[int, list[int]]:
     return epochs
 
 
-@pytest.mark.e2e
-def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
-    from mlflow.tracking import MlflowClient
+@dataclass
+class FaultsRun:
+    """What the module's one job did: the fault run, then the search (tests/cluster_job.py)."""
 
+    job: Job
+    t: dict[str, float]  # when things happened (time.time())
+    folder: dict  # the run's ImageFolder (make_image_folder's description)
+    out: Path  # the step hook's records
+    first_group: set[str]  # node ids of the first worker group
+    lost_trainer: Node
+    lost_data: Node
+    workers: list  # the state API's records of every Ray Train worker the job started
+    trials: list  # ... of its search's trial processes
+    mappers: dict[str, set[str]]  # read or decode/mask task name -> node ids
+
+
+@pytest.fixture(scope="module")
+def faults_run(env) -> FaultsRun:
+    """`tests/cluster_job.py` submitted once: `pipelines/pretrain.py` meeting a lost data node,
+    a lost trainer node and a tracking-server outage, then `pipelines/tune.py` in the same
+    driver (one job, one driver: see tests/cluster_job.py)."""
     out = env.shared / "steps"
     lost_data = env.data[0]
     # What a long run on a real cluster meets and uses: an ImageFolder on the shared storage
@@ -481,18 +498,21 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
     folder = make_image_folder(env.shared / "folder", n_per_class=SAMPLES // 3, size=20)
     make_image_folder(env.shared / "folder", n_per_class=11, size=20, split="val",
                       bad_files=False)
-    assert folder["good"] == SAMPLES
-    good_ids = sorted(stable_sample_id(path) for path in folder["good_paths"])
     config = write_config(env, "faults", workers=2, epochs=EPOCHS,
                           max_failures=1, log_every_steps=1, keep_last=1,
                           data={"source": "imagefolder", "path": folder["root"],
                                 "max_bad_fraction": 0.05},
                           method={"negatives": "global"}, optim={"grad_accum_steps": 2})
+    space = env.root / "space.yaml"
+    space.write_text("params:\n  method.mask_ratio: {grid: [0.25, 0.5]}\nscheduler: fifo\n")
+    search = write_config(env, "search", workers=1, epochs=1, experiment="micl-cluster-search")
     t: dict[str, float] = {"submitted": time.time()}
     with ExitStack() as stack:
         job = submit(env, stack, "faults", "python", "tests/cluster_job.py", str(out),
                      f"{PAUSE_DATA},{PAUSE_TRAINER},{PAUSE_OUTAGE},{PAUSE_BACK}", "--",
-                     "--config", str(config))  # pipelines/pretrain.py's arguments
+                     "--config", str(config),  # pipelines/pretrain.py's arguments, then tune.py's
+                     "--", "--space", str(space), "--config", str(search), "--name",
+                     "cluster-search", "--out", str(env.root / "compare"))
 
         def pause(step: int) -> None:
             job.until(lambda: (out / f"paused.{step}").exists(), f"the pause at step {step}")
@@ -503,6 +523,7 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
 
         pause(PAUSE_DATA)  # epoch 1 is under way: a data node dies
         env.cluster.kill(lost_data)
+        env.data.remove(lost_data)
         resume(PAUSE_DATA)
         pause(PAUSE_TRAINER)  # epoch 1 is checkpointed, epoch 2 under way: a trainer node
         first_group = live_workers(env, job)  # of the three, dies; the spare takes its place
@@ -518,22 +539,36 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
         job.until(lambda: "Training continues" in job.text(), "the warning about the server")
         env.server.start()
         resume(PAUSE_BACK)
-        job.wait()
+        job.until(lambda: "== micl pre-training finished ==" in job.text(), "the run's end")
         t["finished"] = time.time()
-        workers, mappers = where_it_ran(env, job)
+        job.wait()
+        t["search done"] = time.time()
+        mappers = where_it_ran(env, job)
+        workers = job_actors(env, job, "RayTrainWorker")
+        trials = job_actors(env, job, "ImplicitFunc")
+    return FaultsRun(job, t, folder, out, first_group, lost_trainer, lost_data, workers, trials,
+                     mappers)
 
+
+@pytest.mark.e2e
+def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, faults_run):
+    from mlflow.tracking import MlflowClient
+
+    run_, t, folder = faults_run, faults_run.t, faults_run.folder
+    good_ids = sorted(stable_sample_id(path) for path in folder["good_paths"])
+    assert folder["good"] == SAMPLES
     # Every epoch trained on every sample exactly once: the one that lost a data node and the
     # one the restarted group redid while the tracking server was away.
-    epochs = ids_by_epoch(out)
+    epochs = ids_by_epoch(run_.out)
     assert sorted(epochs) == list(range(EPOCHS))
     for epoch, ids in epochs.items():
         assert sorted(ids) == good_ids, (epoch, len(ids), len(set(ids)))
     # Where it ran: workers on trainer nodes (two of the first group, then the survivor and
     # the spare), every read and decode/mask task on a data node (the lost one included).
-    assert len(first_group) == 2 and workers == env.node_ids([lost_trainer, *env.trainers]), \
-        (first_group, workers)
-    check_data_nodes_only(mappers, env.node_ids([lost_data, *env.data]))
-    env.data.remove(lost_data)
+    workers = {a.node_id for a in run_.workers}
+    assert len(run_.first_group) == 2 and len(run_.workers) == 4 and \
+        workers == env.node_ids([run_.lost_trainer, *env.trainers]), (run_.first_group, workers)
+    check_data_nodes_only(run_.mappers, env.node_ids([run_.lost_data, *env.data]))
 
     client = MlflowClient(env.server.url)
     [run] = client.search_runs([client.get_experiment_by_name("micl-pretrain").experiment_id],
@@ -554,7 +589,7 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
     # Every step's metrics, those logged while the server was away included.
     steps = {m.step for m in client.get_metric_history(run_id, "step/loss")}
     assert steps == set(range(1, EPOCHS * STEPS + 1)), set(range(1, EPOCHS * STEPS + 1)) - steps
-    log = job.text()
+    log = run_.job.text()
     assert "[micl] restart 1: resuming from epoch 1" in log, log[-4000:]
     assert log.count("Training continues") == 1 and log.count("answers again") == 1, log[-4000:]
     assert "== micl pre-training finished ==" in log
@@ -581,36 +616,29 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env):
           f"-> restarted group at step {PAUSE_OUTAGE}: "
           f"{t[f'step {PAUSE_OUTAGE}'] - t['trainer killed']:.1f} s; killed -> epoch "
           f"{EPOCHS} logged: {next_epoch - t['trainer killed']:.1f} s (with the outage); killed "
-          f"-> job done: {t['finished'] - t['trainer killed']:.1f} s")
+          f"-> run done: {t['finished'] - t['trainer killed']:.1f} s; run done -> search done: "
+          f"{t['search done'] - t['finished']:.1f} s")
 
 
 @pytest.mark.e2e
-def test_a_search_runs_its_trials_side_by_side_on_the_trainer_nodes(env):
+def test_a_search_runs_its_trials_side_by_side_on_the_trainer_nodes(env, faults_run):
     from mlflow.tracking import MlflowClient
 
-    space = env.root / "space.yaml"
-    space.write_text("params:\n  method.mask_ratio: {grid: [0.25, 0.5]}\nscheduler: fifo\n")
-    config = write_config(env, "search", workers=1, epochs=1,
-                          experiment="micl-cluster-search")
-    with ExitStack() as stack:
-        job = submit(env, stack, "search", "python", "pipelines/tune.py", "--space",
-                     str(space), "--config", str(config), "--name", "cluster-search",
-                     "--out", str(env.root / "compare"))
-        job.wait()
-        workers, mappers = where_it_ran(env, job)
-        trials = live_workers(env, job, alive_only=False, class_name="ImplicitFunc")
-    assert "WARNING tune.py" not in job.text(), job.text()[-4000:]  # Tune minds how it is called
-    # One trial on each of two trainer nodes (whichever two are up). A one-worker trial
-    # trains in its own process, which holds the worker's resources: no Ray Train worker.
-    assert len(trials) == 2 and trials <= env.node_ids(env.trainers), trials
-    assert not workers, workers
-    check_data_nodes_only(mappers, env.node_ids(env.data))
+    log = faults_run.job.text()
+    assert "WARNING tune.py" not in log, log[-4000:]  # Tune minds how it is called
+    # One trial on each of the two trainer nodes left. A one-worker trial trains in its own
+    # process, which holds the worker's resources: no Ray Train worker besides the run's four.
+    trials = {a.node_id for a in faults_run.trials}
+    assert len(faults_run.trials) == 2 and trials == env.node_ids(env.trainers), trials
+    assert len(faults_run.workers) == 4
     client = MlflowClient(env.server.url)
     exp = client.get_experiment_by_name("micl-cluster-search")
     [parent] = client.search_runs([exp.experiment_id], "tags.`micl.role` = 'search'")
-    trials = client.search_runs([exp.experiment_id],
-                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(float(t.data.params["method.mask_ratio"]) for t in trials) == [0.25, 0.5]
-    assert all(t.info.status == "FINISHED" and "knn_top1" in t.data.metrics for t in trials)
-    first, second = sorted(trials, key=lambda t: t.info.start_time)
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(float(t.data.params["method.mask_ratio"]) for t in runs) == [0.25, 0.5]
+    assert all(t.info.status == "FINISHED" and "knn_top1" in t.data.metrics for t in runs)
+    first, second = sorted(runs, key=lambda t: t.info.start_time)
     assert second.info.start_time < first.info.end_time  # side by side, not one after another
+    # (where its decode tasks ran: on the data node left; test_a_run_survives... checks that
+    # every read and decode/mask task of the job ran on a data node)
