@@ -11,6 +11,11 @@ from micl.driver import connect_ray, run_pretraining
 from micl.objectives import OBJECTIVES
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's usage statistics off for the session's Ray, as for the simulated clusters: with them on,
+# every Ray Data execution reports to a detached collector actor (one more process, and a
+# payload of up to 100 executions rewritten to the GCS on each report) and polls Prometheus
+# every 10 s. The demo's console test gives its own Ray the user's default back.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "benchmarks"))  # for the benchmarks' own machine description
 from _common import cpu_summary  # noqa: E402

@@ -9,6 +9,7 @@ own Ray (stdout a pipe, as under `ray job submit` or in CI); the data-error test
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -136,7 +137,9 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     """pipelines/pretrain.py as a user runs it: its own process and Ray, output to a pipe."""
     command = [sys.executable, str(ROOT / "pipelines" / "pretrain.py"),
                *cli_args(tmp_path, *overrides)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}  # Ray's default
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env)
 
 
 def console_lines(proc: subprocess.CompletedProcess) -> list[str]:
