@@ -11,8 +11,9 @@
 # on the 2-core AMD EPYC development VM, 0.85 makes a training step 2.3-2.4x slower, the range
 # of the 2-core machines without AVX-512 that this project's runs have met. Throttling is not a
 # slower CPU: a thread can be stopped in the middle of a parallel region, so multi-threaded
-# torch loses a little more than the quota says. Needs root and a cgroup cpu controller
-# (v1 or v2).
+# torch loses a little more than the quota says, and far more when this VM itself runs slow:
+# at 1.5x its usual step time, 0.6 made a step 1867 ms, so calibrate in the same hour as the
+# run. Needs root and a cgroup cpu controller (v1 or v2).
 set -euo pipefail
 quota=${1:?usage: slow_machine.sh CPUS COMMAND...}
 shift
