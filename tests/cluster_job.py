@@ -13,9 +13,9 @@ defined here, in `__main__`, so that Ray ships it to the workers by value; it re
 through the one function the pipeline calls, wrapped here.
 
 The search runs in the same job, as a user's script that pre-trains and then searches would:
-one driver, one job, so its decode tasks find the data nodes' worker processes of the run
-before it instead of starting (and importing) their own; a second job would cost a driver, a
-job supervisor and those processes again.
+a second job would cost a `ray job submit`, a job supervisor and a driver importing torch,
+timm, MLflow and Ray again, and its tasks could not use the run's idle worker processes (a Ray
+worker process serves one job).
 """
 
 from __future__ import annotations
