@@ -554,21 +554,22 @@ def faults_run(env) -> FaultsRun:
 def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, faults_run):
     from mlflow.tracking import MlflowClient
 
-    run_, t, folder = faults_run, faults_run.t, faults_run.folder
+    t, folder = faults_run.t, faults_run.folder
     good_ids = sorted(stable_sample_id(path) for path in folder["good_paths"])
     assert folder["good"] == SAMPLES
     # Every epoch trained on every sample exactly once: the one that lost a data node and the
     # one the restarted group redid while the tracking server was away.
-    epochs = ids_by_epoch(run_.out)
+    epochs = ids_by_epoch(faults_run.out)
     assert sorted(epochs) == list(range(EPOCHS))
     for epoch, ids in epochs.items():
         assert sorted(ids) == good_ids, (epoch, len(ids), len(set(ids)))
     # Where it ran: workers on trainer nodes (two of the first group, then the survivor and
     # the spare), every read and decode/mask task on a data node (the lost one included).
-    workers = {a.node_id for a in run_.workers}
-    assert len(run_.first_group) == 2 and len(run_.workers) == 4 and \
-        workers == env.node_ids([run_.lost_trainer, *env.trainers]), (run_.first_group, workers)
-    check_data_nodes_only(run_.mappers, env.node_ids([run_.lost_data, *env.data]))
+    workers = {a.node_id for a in faults_run.workers}
+    assert len(faults_run.first_group) == 2 and len(faults_run.workers) == 4 and \
+        workers == env.node_ids([faults_run.lost_trainer, *env.trainers]), \
+        (faults_run.first_group, workers)
+    check_data_nodes_only(faults_run.mappers, env.node_ids([faults_run.lost_data, *env.data]))
 
     client = MlflowClient(env.server.url)
     [run] = client.search_runs([client.get_experiment_by_name("micl-pretrain").experiment_id],
@@ -589,7 +590,7 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     # Every step's metrics, those logged while the server was away included.
     steps = {m.step for m in client.get_metric_history(run_id, "step/loss")}
     assert steps == set(range(1, EPOCHS * STEPS + 1)), set(range(1, EPOCHS * STEPS + 1)) - steps
-    log = run_.job.text()
+    log = faults_run.job.text()
     assert "[micl] restart 1: resuming from epoch 1" in log, log[-4000:]
     assert log.count("Training continues") == 1 and log.count("answers again") == 1, log[-4000:]
     assert "== micl pre-training finished ==" in log
