@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_image_folder
+from helpers import make_image_folder, sqlite_uri
 from test_cluster import (
     RAY_CLI,
     ROOT,
@@ -79,9 +79,16 @@ def node_env() -> dict[str, str]:
     # And each node keeps an idle worker process 60 s, as micl's local Ray does (driver.py,
     # IDLE_WORKER_KEEP_MS): a 1-CPU node otherwise ends it after 1 s whenever its CPU is held,
     # and the next epoch's (or attempt's) tasks start Python and their imports again.
+    # Six nodes share two cores, so what each node does every few seconds counts six times and
+    # grows with the run's length: without Ray's metrics export (for Prometheus; no test reads
+    # it) and its memory monitor (a raylet reads memory use every 250 ms to pick a worker to
+    # kill before the kernel's OOM killer acts; the whole machine used at most 7 of its 24 GiB
+    # in this module), the nodes' agents and raylets spent 11 CPU-s less over the module under
+    # the slow-machine emulation (BENCHMARKS.md, "The simulated cluster's floor").
     return {**ray_env(), "RAY_raylet_start_wait_time_s": "120",
             "RAY_health_check_period_ms": "1000",
-            "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS)}
+            "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
+            "RAY_enable_metrics_collection": "0", "RAY_memory_monitor_refresh_ms": "0"}
 
 
 @dataclass
@@ -329,6 +336,10 @@ def env(tmp_path_factory) -> Iterator[Env]:
     shared = root / "shared"
     with ExitStack() as stack:
         t0 = time.monotonic()
+        # The server's store starts as a copy of an empty one (helpers.sqlite_uri): its first
+        # start then skips MLflow's migrations, 2-3 CPU-s while the nodes start. A server on a
+        # store made from nothing is test_tracking's.
+        sqlite_uri(root / "mlflow.db")
         server = MlflowServer(root, shared / "mlartifacts")
         server.launch()  # it comes up while the nodes do
         stack.callback(server.stop)
