@@ -1,8 +1,12 @@
 """What the simulated cluster of tests/test_multinode.py costs before any job: its six nodes and
-the MLflow server started exactly as the test's fixture starts them, then left idle.
+the MLflow server started as the test's fixture starts them, then left idle. (The server starts
+on a new store; the fixture's starts on a copy of an empty one, which spares it 2-3 CPU-s.)
 
     python benchmarks/cluster_floor.py                       # idle machine
-    bash benchmarks/slow_machine.sh 0.6 python benchmarks/cluster_floor.py   # emulated slowest
+    bash benchmarks/slow_machine.sh 0.8 python benchmarks/cluster_floor.py   # emulated slowest
+
+(The quota that emulates the slowest 2-core machine depends on the hour: calibrate it first
+with benchmarks/step_time.py, BENCHMARKS.md "The simulated cluster's floor".)
 
 Prints the seconds and CPU-seconds (the whole machine's, from /proc/stat: run it on an
 otherwise idle machine) until every node is registered and the server answers, then the

@@ -83,8 +83,9 @@ def node_env() -> dict[str, str]:
     # grows with the run's length: without Ray's metrics export (for Prometheus; no test reads
     # it) and its memory monitor (a raylet reads memory use every 250 ms to pick a worker to
     # kill before the kernel's OOM killer acts; the whole machine used at most 7 of its 24 GiB
-    # in this module), the nodes' agents and raylets spent 11 CPU-s less over the module under
-    # the slow-machine emulation (BENCHMARKS.md, "The simulated cluster's floor").
+    # in this module), the nodes' agents and raylets spent 11 CPU-s less over the module in a
+    # pair of runs under the slow-machine emulation, and the idle cluster 0.09 CPU-s a second
+    # instead of 0.10-0.12 (BENCHMARKS.md, "The simulated cluster's floor").
     return {**ray_env(), "RAY_raylet_start_wait_time_s": "120",
             "RAY_health_check_period_ms": "1000",
             "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
