@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from test_multinode import MlflowServer, SimulatedCluster, data_node, trainer  # noqa: E402
+from process_timeline import TICK, look  # noqa: E402
+from test_multinode import CLUSTER_NODES, MlflowServer, SimulatedCluster  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 # (a Ray agent renames itself: its command line becomes ray::DashboardAgent)
 KINDS = ["raylet/raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
          "dashboard/dashboard.py", "ray-dashboard-", "log_monitor", "monitor.py", "ray start",
@@ -48,13 +48,9 @@ def cpu_by_kind() -> dict[int, tuple[str, float]]:
     """{pid: (process kind, CPU-seconds so far)} of every process."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        kind = next((k for k in KINDS if k in cmd), "other")
-        out[int(pid)] = (kind, (int(stat[11]) + int(stat[12])) / TICK)
+        if (seen := look(pid)) is not None:
+            cmd, cpu, _ = seen
+            out[int(pid)] = (next((k for k in KINDS if k in cmd), "other"), cpu)
     return out
 
 
@@ -68,8 +64,7 @@ def main() -> None:
     server.launch()
     cluster = SimulatedCluster(root)
     try:
-        cluster.add([trainer("trainer-1"), trainer("trainer-2"), trainer("trainer-3"),
-                     data_node("data-1"), data_node("data-2")])
+        cluster.add(CLUSTER_NODES)
         server.wait_ready()
         print(f"six nodes and the MLflow server up: {time.monotonic() - t0:.1f} s, "
               f"{machine_busy_s() - c0:.1f} CPU-s", flush=True)

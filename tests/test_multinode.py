@@ -317,6 +317,12 @@ def data_node(name: str) -> tuple[str, float, dict[str, float], dict[str, str]]:
     return name, 1, {}, DATA_LABEL
 
 
+# The nodes besides the head (benchmarks/cluster_floor.py starts the same): three trainer nodes,
+# a run's two workers and the spare a restarted group moves to; two data nodes.
+CLUSTER_NODES = [trainer("trainer-1"), trainer("trainer-2"), trainer("trainer-3"),
+                 data_node("data-1"), data_node("data-2")]
+
+
 @dataclass
 class Env:
     root: Path
@@ -346,10 +352,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
         stack.callback(server.stop)
         cluster = SimulatedCluster(root)
         stack.callback(cluster.stop)
-        # Three trainer nodes: a run's two workers and the spare a restarted group moves to.
-        *trainers, first_data, second_data = cluster.add([
-            trainer("trainer-1"), trainer("trainer-2"), trainer("trainer-3"),
-            data_node("data-1"), data_node("data-2")])
+        *trainers, first_data, second_data = cluster.add(CLUSTER_NODES)
         server.wait_ready()
         yield Env(root, shared, cluster, server, trainers, [first_data, second_data],
                   time.monotonic() - t0)
