@@ -74,7 +74,8 @@ TRAINER_RESOURCE = "trainer"  # the stand-in for GPU: a training worker requests
 def node_env() -> dict[str, str]:
     # Nodes start side by side on 2 busy cores: give a raylet more than Ray's 30 s to register.
     # The head's GCS checks each raylet every second instead of every 3 s: a killed node (its
-    # port refuses at once) is declared dead after 5 failed checks, in about 5 s instead of 15.
+    # port refuses at once) is declared dead after 5 failed checks: 4.2-4.7 s after the kill
+    # instead of 12.5-12.8 s (the test's own figures, docs/cluster.md).
     # A busy but live raylet is safe: a check fails only when it gets no answer in 10 s.
     # And each node keeps an idle worker process 60 s, as micl's local Ray does (driver.py,
     # IDLE_WORKER_KEEP_MS): a 1-CPU node otherwise ends it after 1 s whenever its CPU is held,
@@ -445,6 +446,17 @@ def job_actors(env: Env, job: Job, class_name: str) -> list:
     return job_state(env, job, list_actors, ("class_name", "=", class_name))
 
 
+def declared_dead(env: Env, nodes: list[Node]) -> dict[str, float | None]:
+    """{node name: when the head declared it dead (time.time() seconds), None if it has not}:
+    the GCS stamps a node's end when its health checks fail, so this minus the kill is the
+    time Ray took to notice the loss."""
+    from ray.util.state import list_nodes
+
+    ends = {n.node_id: n.end_time_ms for n in list_nodes(address=env.cluster.url, detail=True)
+            if n.state == "DEAD" and n.end_time_ms}
+    return {n.name: ends[n.node_id] / 1e3 if n.node_id in ends else None for n in nodes}
+
+
 def live_workers(env: Env, job: Job) -> set[str]:
     """Node ids of the job's training workers alive now."""
     return {a.node_id for a in job_actors(env, job, "RayTrainWorker") if a.state == "ALIVE"}
@@ -497,6 +509,7 @@ class FaultsRun:
     workers: list  # the state API's records of every Ray Train worker the job started
     trials: list  # ... of its search's trial processes
     mappers: dict[str, set[str]]  # read or decode/mask task name -> node ids
+    dead_at: dict[str, float | None]  # lost node's name -> when the head declared it dead
 
 
 @pytest.fixture(scope="module")
@@ -537,14 +550,15 @@ def faults_run(env) -> FaultsRun:
             (out / f"resume.{step}").touch()
 
         pause(PAUSE_DATA)  # epoch 1 is under way: a data node dies
+        t["data node killed"] = time.time()
         env.cluster.kill(lost_data)
         env.data.remove(lost_data)
         resume(PAUSE_DATA)
         pause(PAUSE_TRAINER)  # epoch 1 is checkpointed, epoch 2 under way: a trainer node
         first_group = live_workers(env, job)  # of the three, dies; the spare takes its place
         lost_trainer = next(n for n in env.trainers if n.node_id in first_group)
-        env.cluster.kill(lost_trainer)
         t["trainer killed"] = time.time()
+        env.cluster.kill(lost_trainer)
         env.trainers.remove(lost_trainer)
         resume(PAUSE_TRAINER)  # for the killed group's rank 0, wherever it was
         pause(PAUSE_OUTAGE)  # the restarted group redoes epoch 2: the tracking server stops
@@ -561,8 +575,9 @@ def faults_run(env) -> FaultsRun:
         mappers = where_it_ran(env, job)
         workers = job_actors(env, job, "RayTrainWorker")
         trials = job_actors(env, job, "ImplicitFunc")
+        dead_at = declared_dead(env, [lost_data, lost_trainer])
     return FaultsRun(job, t, folder, out, first_group, lost_trainer, lost_data, workers, trials,
-                     mappers)
+                     mappers, dead_at)
 
 
 @pytest.mark.e2e
@@ -626,8 +641,15 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     shipped = {p.name for p in package.iterdir()}
     assert {"micl", "pipelines", "pyproject.toml"} <= shipped
     assert not shipped & {".venv", ".git", "runs", "mlartifacts", "mlflow.db"}, shipped
+    # The head noticed both losses: each lost node is DEAD in the state API (`ray list nodes`).
+    dead_at = faults_run.dead_at
+    assert all(dead_at.values()), dead_at
+    noticed = {what: dead_at[node.name] - t[f"{what} killed"] for what, node in
+               (("data node", faults_run.lost_data), ("trainer", faults_run.lost_trainer))}
     next_epoch = min(m.timestamp / 1e3 for m in losses if m.step == EPOCHS)
-    print(f"\ncluster + mlflow server up in {env.started_s:.1f} s; job submitted -> step "
+    print(f"\nkilled -> declared dead by the head: data node {noticed['data node']:.1f} s, "
+          f"trainer node {noticed['trainer']:.1f} s")
+    print(f"cluster + mlflow server up in {env.started_s:.1f} s; job submitted -> step "
           f"{PAUSE_DATA}: {t[f'step {PAUSE_DATA}'] - t['submitted']:.1f} s; trainer node killed "
           f"-> restarted group at step {PAUSE_OUTAGE}: "
           f"{t[f'step {PAUSE_OUTAGE}'] - t['trainer killed']:.1f} s; killed -> epoch "
