@@ -74,7 +74,7 @@ TRAINER_RESOURCE = "trainer"  # the stand-in for GPU: a training worker requests
 def node_env() -> dict[str, str]:
     # Nodes start side by side on 2 busy cores: give a raylet more than Ray's 30 s to register.
     # The head's GCS checks each raylet every second instead of every 3 s: a killed node (its
-    # port refuses at once) is declared dead after 5 failed checks: 4.2-4.7 s after the kill
+    # port refuses at once) is declared dead after 5 failed checks: 4.0-4.7 s after the kill
     # instead of 12.5-12.8 s (the test's own figures, docs/cluster.md).
     # A busy but live raylet is safe: a check fails only when it gets no answer in 10 s.
     # And each node keeps an idle worker process 60 s, as micl's local Ray does (driver.py,
@@ -512,17 +512,12 @@ class FaultsRun:
     dead_at: dict[str, float | None]  # lost node's name -> when the head declared it dead
 
 
-@pytest.fixture(scope="module")
-def faults_run(env) -> FaultsRun:
-    """`tests/cluster_job.py` submitted once: `pipelines/pretrain.py` meeting a lost data node,
-    a lost trainer node and a tracking-server outage, then `pipelines/tune.py` in the same
-    driver (one job, one driver: see tests/cluster_job.py)."""
-    out = env.shared / "steps"
-    lost_data = env.data[0]
-    # What a long run on a real cluster meets and uses: an ImageFolder on the shared storage
-    # with corrupt, empty and non-image files among the good ones (skipped and counted),
-    # global negatives (DDP all_gather across the trainer nodes), gradient accumulation, and
-    # one kept checkpoint.
+def job_inputs(env: Env) -> tuple[dict, list[str], list[str]]:
+    """(the ImageFolder's description, pipelines/pretrain.py's arguments, pipelines/tune.py's)
+    of the module's job. The run uses what a long run on a real cluster meets and uses: an
+    ImageFolder on the shared storage with corrupt, empty and non-image files among the good
+    ones (skipped and counted), global negatives (DDP all_gather across the trainer nodes),
+    gradient accumulation, and one kept checkpoint."""
     folder = make_image_folder(env.shared / "folder", n_per_class=SAMPLES // 3, size=20)
     make_image_folder(env.shared / "folder", n_per_class=11, size=20, split="val",
                       bad_files=False)
@@ -534,13 +529,24 @@ def faults_run(env) -> FaultsRun:
     space = env.root / "space.yaml"
     space.write_text("params:\n  method.mask_ratio: {grid: [0.25, 0.5]}\nscheduler: fifo\n")
     search = write_config(env, "search", workers=1, epochs=1, experiment="micl-cluster-search")
+    return folder, ["--config", str(config)], [
+        "--space", str(space), "--config", str(search), "--name", "cluster-search", "--out",
+        str(env.root / "compare")]
+
+
+@pytest.fixture(scope="module")
+def faults_run(env) -> FaultsRun:
+    """`tests/cluster_job.py` submitted once: `pipelines/pretrain.py` meeting a lost data node,
+    a lost trainer node and a tracking-server outage, then `pipelines/tune.py` in the same
+    driver (one job, one driver: see tests/cluster_job.py)."""
+    out = env.shared / "steps"
+    lost_data = env.data[0]
+    folder, pretrain_args, tune_args = job_inputs(env)
     t: dict[str, float] = {"submitted": time.time()}
     with ExitStack() as stack:
         job = submit(env, stack, "faults", "python", "tests/cluster_job.py", str(out),
-                     f"{PAUSE_DATA},{PAUSE_TRAINER},{PAUSE_OUTAGE},{PAUSE_BACK}", "--",
-                     "--config", str(config),  # pipelines/pretrain.py's arguments, then tune.py's
-                     "--", "--space", str(space), "--config", str(search), "--name",
-                     "cluster-search", "--out", str(env.root / "compare"))
+                     f"{PAUSE_DATA},{PAUSE_TRAINER},{PAUSE_OUTAGE},{PAUSE_BACK}",
+                     "--", *pretrain_args, "--", *tune_args)
 
         def pause(step: int) -> None:
             job.until(lambda: (out / f"paused.{step}").exists(), f"the pause at step {step}")
@@ -584,7 +590,7 @@ def faults_run(env) -> FaultsRun:
 def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, faults_run):
     from mlflow.tracking import MlflowClient
 
-    t, folder = faults_run.t, faults_run.folder
+    folder = faults_run.folder
     good_ids = sorted(stable_sample_id(path) for path in folder["good_paths"])
     assert folder["good"] == SAMPLES
     # Every epoch trained on every sample exactly once: the one that lost a data node and the
@@ -632,21 +638,35 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     # run.keep_last = 1: only the last epoch's checkpoint is kept on the shared storage. One
     # exception, stated in docs/reference.md: a kill within Ray Train's 2 s poll after a
     # report leaves that checkpoint to the storage fallback, and Ray Train never deletes it.
-    kept = sorted(torch.load(p / STATE_FILE, weights_only=False)["epoch"]
-                  for p in (env.shared / "runs" / "faults").glob("checkpoint_*") if p.is_dir())
+    kept = kept_epochs(env.shared / "runs" / "faults")
     assert kept in ([EPOCHS], [1, EPOCHS]), kept
     # What was uploaded: the code, not the virtualenv, the git history or local runs.
-    unpacked = env.cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
-    [package] = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
-    shipped = {p.name for p in package.iterdir()}
+    shipped = uploaded(env)
     assert {"micl", "pipelines", "pyproject.toml"} <= shipped
     assert not shipped & {".venv", ".git", "runs", "mlartifacts", "mlflow.db"}, shipped
     # The head noticed both losses: each lost node is DEAD in the state API (`ray list nodes`).
-    dead_at = faults_run.dead_at
-    assert all(dead_at.values()), dead_at
-    noticed = {what: dead_at[node.name] - t[f"{what} killed"] for what, node in
-               (("data node", faults_run.lost_data), ("trainer", faults_run.lost_trainer))}
-    next_epoch = min(m.timestamp / 1e3 for m in losses if m.step == EPOCHS)
+    assert all(faults_run.dead_at.values()), faults_run.dead_at
+    print_figures(env, faults_run, min(m.timestamp / 1e3 for m in losses if m.step == EPOCHS))
+
+
+def kept_epochs(run_dir: Path) -> list[int]:
+    """The epochs of the checkpoints kept in a run's storage directory."""
+    return sorted(torch.load(p / STATE_FILE, weights_only=False)["epoch"]
+                  for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def uploaded(env: Env) -> set[str]:
+    """The top-level names in the job's package, as the nodes unpacked it."""
+    unpacked = env.cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+    [package] = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
+    return {p.name for p in package.iterdir()}
+
+
+def print_figures(env: Env, run: FaultsRun, next_epoch: float) -> None:
+    """What the losses cost, for docs/cluster.md ("What losing a node costs"): `pytest -s`."""
+    t = run.t
+    noticed = {what: run.dead_at[node.name] - t[f"{what} killed"] for what, node in
+               (("data node", run.lost_data), ("trainer", run.lost_trainer))}
     print(f"\nkilled -> declared dead by the head: data node {noticed['data node']:.1f} s, "
           f"trainer node {noticed['trainer']:.1f} s")
     print(f"cluster + mlflow server up in {env.started_s:.1f} s; job submitted -> step "
