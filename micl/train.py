@@ -620,7 +620,10 @@ def epoch_metrics(sums: EpochSums, cfg: Config, spec: LoopSpec, state: TrainStat
                            "worker's share of the data")
     state.epoch += 1
     return {"epoch": state.epoch, "step": state.step, **total.means(), "lr": total.lr,
-            "images_per_s": total.images / max(total.seconds, 1e-9),
+            # the images the epoch's applied steps trained on, over all workers: what a run
+            # that lost a data node (or any run) can be checked against, its split's size
+            # less the skipped files, in whole batches
+            "images": total.images, "images_per_s": total.images / max(total.seconds, 1e-9),
             # rank 0's waits for data: for the first batch, then per later step (a data-bound
             # run shows the latter close to the step time)
             "data_start_s": sums.data_start,
@@ -631,7 +634,7 @@ def epoch_metrics(sums: EpochSums, cfg: Config, spec: LoopSpec, state: TrainStat
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     """`[micl] epoch 2/6: loss 4.21, knn_top1 0.7644, lr 0.0009, 598 img/s` (counters only
     when not zero)."""
-    quiet = {"epoch", "step", "images_per_s", "knn_top1_init", "skipped", "restarts",
+    quiet = {"epoch", "step", "images", "images_per_s", "knn_top1_init", "skipped", "restarts",
              "skipped_steps", "data_start_s", "data_wait_s"}
     parts = [f"{k} {v:.4g}" for k, v in metrics.items() if k not in quiet]
     parts.append(f"{metrics.get('images_per_s', 0):.0f} img/s")

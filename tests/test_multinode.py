@@ -614,12 +614,12 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     assert run.info.status == "FINISHED"
     assert run.data.metrics["restarts"] == 1 and run.data.metrics["epoch"] == EPOCHS
     assert run.data.params["method.negatives"] == "global"
-    restarts = {m.step: m.value for m in client.get_metric_history(run_id, "restarts")}
-    assert restarts == {1: 0, 2: 1}  # epoch 2 is the restarted group's
+    assert history(client, run_id, "restarts") == {1: 0, 2: 1}  # epoch 2: the restarted group
     # The bad files, counted once per epoch: in the epoch whose lost decode tasks Ray Data ran
-    # again, and in the one the restarted group streamed again.
-    skipped = {m.step: m.value for m in client.get_metric_history(run_id, "skipped")}
-    assert skipped == {1: len(folder["bad"]), 2: len(folder["bad"])}, skipped
+    # again, and in the one the restarted group streamed again; and every good one trained
+    # once, as the run's own `images` metric says too (what a user can check without a hook).
+    assert history(client, run_id, "skipped") == {1: len(folder["bad"]), 2: len(folder["bad"])}
+    assert history(client, run_id, "images") == {1: SAMPLES, 2: SAMPLES}
     losses = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, EPOCHS + 1))  # none logged twice
     assert sorted(m.step for m in client.get_metric_history(run_id, "knn_top1")) == [0, EPOCHS]
@@ -647,6 +647,11 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     # The head noticed both losses: each lost node is DEAD in the state API (`ray list nodes`).
     assert all(faults_run.dead_at.values()), faults_run.dead_at
     print_figures(env, faults_run, min(m.timestamp / 1e3 for m in losses if m.step == EPOCHS))
+
+
+def history(client, run_id: str, key: str) -> dict[int, float]:
+    """{step: value} of a metric of the run."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
 def kept_epochs(run_dir: Path) -> list[int]:

@@ -148,12 +148,15 @@ def test_micl_beats_the_random_encoder(micl_run):
 def test_each_epoch_trains_on_every_sample_once_in_new_batches(micl_run, store):
     """Synthetic data sits in memory in id order: each epoch still trains on every sample once,
     in batches it has not seen before (for MiCL, new negatives), not block after block."""
-    cfg, _ = micl_run
+    cfg, result = micl_run
     steps = [json.loads(line) for line in (store / "micl-steps.jsonl").read_text().splitlines()]
     epochs = {e: [frozenset(ids) for e2, ids in steps if e2 == e] for e in (0, 1)}
     n = cfg.data.synthetic_size
     for batches in epochs.values():
         assert sorted(i for b in batches for i in b) == list(range(n))
+    # What a user sees of it without a hook: each epoch's `images` metric is the split's size.
+    images = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "images")
+    assert {m.step: m.value for m in images} == {1: n, 2: n}
     assert not set(epochs[0]) & set(epochs[1])  # no batch of epoch 1 comes back in epoch 2
     spans = [max(b) - min(b) for b in epochs[0]]  # not one block of neighbouring ids
     assert min(spans) > cfg.data.batch_size, spans
