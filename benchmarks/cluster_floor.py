@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from process_timeline import TICK, look  # noqa: E402
+from suite_idle import cpu_totals  # noqa: E402
 from test_multinode import CLUSTER_NODES, MlflowServer, SimulatedCluster  # noqa: E402
 
 # (a Ray agent renames itself: its command line becomes ray::DashboardAgent)
@@ -39,9 +40,9 @@ KINDS = ["raylet/raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvA
 
 
 def machine_busy_s() -> float:
-    """CPU-seconds the whole machine has spent busy (user, nice, system, irq, softirq)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / TICK
+    """CPU-seconds the whole machine has spent busy since boot (all but idle and iowait)."""
+    total, idle = cpu_totals()
+    return (total - idle) / TICK
 
 
 def cpu_by_kind() -> dict[int, tuple[str, float]]:

@@ -1,6 +1,6 @@
 """What several test modules reuse: a real ImageFolder tree with good and bad files, fault
 injection hooks, a loopback gate that cuts a server off, ranks of a process group, MLflow
-stores that start from an empty one made once."""
+stores that start from an empty one made once, a run's metric by step."""
 
 from __future__ import annotations
 
@@ -153,6 +153,11 @@ def run_ranks(fn: Callable, args: tuple, nprocs: int = 2) -> None:
 
 
 _EMPTY_STORE: list[pathlib.Path] = []  # an empty SQLite store at MLflow's schema, made once
+
+
+def metric_history(client, run_id: str, key: str) -> dict[int, float]:
+    """{step: value} of one metric of an MLflow run (`client`: an MlflowClient)."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
 def sqlite_uri(path: str | pathlib.Path) -> str:

@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_image_folder, sqlite_uri
+from helpers import make_image_folder, metric_history, sqlite_uri
 from test_cluster import (
     RAY_CLI,
     ROOT,
@@ -614,12 +614,13 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     assert run.info.status == "FINISHED"
     assert run.data.metrics["restarts"] == 1 and run.data.metrics["epoch"] == EPOCHS
     assert run.data.params["method.negatives"] == "global"
-    assert history(client, run_id, "restarts") == {1: 0, 2: 1}  # epoch 2: the restarted group
+    assert metric_history(client, run_id, "restarts") == {1: 0, 2: 1}  # 2: restarted group's
     # The bad files, counted once per epoch: in the epoch whose lost decode tasks Ray Data ran
     # again, and in the one the restarted group streamed again; and every good one trained
     # once, as the run's own `images` metric says too (what a user can check without a hook).
-    assert history(client, run_id, "skipped") == {1: len(folder["bad"]), 2: len(folder["bad"])}
-    assert history(client, run_id, "images") == {1: SAMPLES, 2: SAMPLES}
+    bad = len(folder["bad"])
+    assert metric_history(client, run_id, "skipped") == {1: bad, 2: bad}
+    assert metric_history(client, run_id, "images") == {1: SAMPLES, 2: SAMPLES}
     losses = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, EPOCHS + 1))  # none logged twice
     assert sorted(m.step for m in client.get_metric_history(run_id, "knn_top1")) == [0, EPOCHS]
@@ -638,8 +639,7 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     # run.keep_last = 1: only the last epoch's checkpoint is kept on the shared storage. One
     # exception, stated in docs/reference.md: a kill within Ray Train's 2 s poll after a
     # report leaves that checkpoint to the storage fallback, and Ray Train never deletes it.
-    kept = kept_epochs(env.shared / "runs" / "faults")
-    assert kept in ([EPOCHS], [1, EPOCHS]), kept
+    assert (kept := kept_epochs(env.shared / "runs" / "faults")) in ([EPOCHS], [1, EPOCHS]), kept
     # What was uploaded: the code, not the virtualenv, the git history or local runs.
     shipped = uploaded(env)
     assert {"micl", "pipelines", "pyproject.toml"} <= shipped
@@ -647,11 +647,6 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     # The head noticed both losses: each lost node is DEAD in the state API (`ray list nodes`).
     assert all(faults_run.dead_at.values()), faults_run.dead_at
     print_figures(env, faults_run, min(m.timestamp / 1e3 for m in losses if m.step == EPOCHS))
-
-
-def history(client, run_id: str, key: str) -> dict[int, float]:
-    """{step: value} of a metric of the run."""
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
 def kept_epochs(run_dir: Path) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import sqlite_uri
+from helpers import metric_history, sqlite_uri
 from mlflow.tracking import MlflowClient
 
 from micl.artifacts import STATE_FILE, export_encoder, load_encoder, save_state
@@ -155,8 +155,8 @@ def test_each_epoch_trains_on_every_sample_once_in_new_batches(micl_run, store):
     for batches in epochs.values():
         assert sorted(i for b in batches for i in b) == list(range(n))
     # What a user sees of it without a hook: each epoch's `images` metric is the split's size.
-    images = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "images")
-    assert {m.step: m.value for m in images} == {1: n, 2: n}
+    client = MlflowClient(result.tracking_uri)
+    assert metric_history(client, result.mlflow_run_id, "images") == {1: n, 2: n}
     assert not set(epochs[0]) & set(epochs[1])  # no batch of epoch 1 comes back in epoch 2
     spans = [max(b) - min(b) for b in epochs[0]]  # not one block of neighbouring ids
     assert min(spans) > cfg.data.batch_size, spans

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_image_folder
+from helpers import make_image_folder, metric_history
 from test_pipeline import (
     check_checkpoint_loads,
     check_mlflow_run,
@@ -52,8 +52,7 @@ def test_bad_files_are_skipped_and_counted_in_every_epoch(ray_local, tmp_path):
     client = check_mlflow_run(result, cfg, epochs=2)
     check_checkpoint_loads(result, cfg, client)
     assert client.get_run(result.mlflow_run_id).data.params["method.negatives"] == "global"
-    skipped = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id,
-                                                                  "skipped")}
+    skipped = metric_history(client, result.mlflow_run_id, "skipped")
     assert skipped == {1: undecodable, 2: undecodable}
     # 40 usable images in batches of 8 = 5 micro-batches an epoch; 2 to a step makes 2 steps,
     # and the odd one out is left (an optimizer step never averages fewer micro-batches).
@@ -134,8 +133,6 @@ def test_a_one_worker_run_that_fails_is_retried_from_its_checkpoint(ray_local, t
     assert marker.exists()  # epoch 2 (steps 9-16) failed once
     assert result.metrics["epoch"] == 2 and result.metrics["restarts"] == 1
     client = check_mlflow_run(result, cfg, epochs=2)  # each epoch logged once
-    restarts = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id,
-                                                                   "restarts")}
-    assert restarts == {1: 0, 2: 1}
-    steps = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "step")}
+    assert metric_history(client, result.mlflow_run_id, "restarts") == {1: 0, 2: 1}
+    steps = metric_history(client, result.mlflow_run_id, "step")
     assert steps == {1: 8, 2: 16}  # epoch 1 not trained again: 8 optimizer steps an epoch

@@ -9,7 +9,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from helpers import sqlite_uri
+from helpers import metric_history, sqlite_uri
 from mlflow.tracking import MlflowClient
 from test_pipeline import tiny_config
 
@@ -183,5 +183,5 @@ def test_a_one_worker_trial_that_fails_is_retried_from_its_checkpoint(ray_local,
     assert run.info.status == "FINISHED"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == [1, 2]  # epoch 1 not trained (or logged) again
-    steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "step")}
+    steps = metric_history(client, run.info.run_id, "step")
     assert steps == {1: 8, 2: 16}  # optimizer steps done after each epoch (8 an epoch)
