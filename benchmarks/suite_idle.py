@@ -4,6 +4,7 @@ Run (from the repository root; as long as the suite itself, about 11-12 min on 2
 
     CI=true .venv/bin/python benchmarks/suite_idle.py --top 15            # the whole suite
     .venv/bin/python benchmarks/suite_idle.py -- tests/test_multinode.py  # pytest arguments
+    CI=true .venv/bin/python benchmarks/suite_idle.py --by-cpu --top 15   # the costliest tests
 
 It runs pytest in a child process, with this file as a pytest plugin that writes when each
 test starts and ends (setup and teardown included), and samples /proc/stat every half second
@@ -13,6 +14,10 @@ idle-equivalent seconds: its idle moments gathered into one stretch in which no 
 timeout or a poll interval, which the test can cut, or on one process at a time starting up
 (one busy core of two), which only fewer or lighter process start-ups can cut. Run it on an
 otherwise idle machine: other work fills the idle moments it is meant to find.
+
+Each test's CPU-seconds (its busy share x its wall time x the cores) are what a CPU quota
+charges: under `benchmarks/slow_machine.sh Q` a test cannot take less than its CPU-seconds / Q,
+so `--by-cpu` ranks the tests that make the emulated slowest machine slow.
 """
 
 from __future__ import annotations
@@ -99,20 +104,29 @@ def per_test(times_file: Path, samples: list[tuple[float, float]], period: float
     return rows
 
 
-def report(rows: list[tuple[float, float, float, str]], top: int) -> str:
+def report(rows: list[tuple[float, float, float, str]], top: int, by_cpu: bool = False) -> str:
+    """The `top` tests with the most idle time, or with the most CPU (`by_cpu`): what a CPU
+    quota, such as the emulated slowest machine's, makes slow."""
+    cores = os.cpu_count() or 1
     wall, idle = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    cpu = sum(w * busy * cores for w, _, busy, _ in rows)
     lines = [f"{len(rows)} tests, {wall:.0f} s in tests, idle-equivalent {idle:.0f} s "
-             f"(cores busy {1 - idle / max(wall, 1e-9):.0%} of the time)",
-             "", "| test | wall s | cores busy | idle-equivalent s |", "| --- | --- | --- | --- |"]
-    for w, i, busy, nodeid in sorted(rows, key=lambda r: -r[1])[:top]:
-        lines.append(f"| `{nodeid.split('::', 1)[-1][:80]}` | {w:.1f} | {busy:.0%} | {i:.1f} |")
+             f"(cores busy {1 - idle / max(wall, 1e-9):.0%} of the time), {cpu:.0f} CPU-s",
+             "", "| test | wall s | cores busy | idle-equivalent s | CPU-s |",
+             "| --- | --- | --- | --- | --- |"]
+    for w, i, busy, nodeid in sorted(rows, key=lambda r: -(r[0] * r[2] if by_cpu else r[1])
+                                     )[:top]:
+        lines.append(f"| `{nodeid.split('::', 1)[-1][:80]}` | {w:.1f} | {busy:.0%} | {i:.1f} | "
+                     f"{w * busy * cores:.1f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--top", type=int, default=25, help="rows: the tests with most idle time")
+    p.add_argument("--top", type=int, default=25, help="rows to print")
+    p.add_argument("--by-cpu", action="store_true",
+                   help="rank the tests by the CPU-seconds they used instead of idle time")
     p.add_argument("--period", type=float, default=0.5, help="seconds between CPU samples")
     p.add_argument("pytest_args", nargs="*", help="after --: pytest's arguments")
     args = p.parse_args(argv)
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", Path(__file__).stem,
                                 *args.pytest_args], cwd=here.parent, env=env)
         rows = per_test(times, sampler.stop(), args.period)
-    print(report(rows, args.top))
+    print(report(rows, args.top, args.by_cpu))
     return code
 
 
