@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "benchmarks"))  # for the benchmarks' own machine description
 from _common import cpu_summary  # noqa: E402
+from suite_idle import cpu_totals  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +68,28 @@ def toy_registered():
 
 
 MODULE_SECONDS: dict[str, float] = {}  # test file -> its tests' setup + call + teardown
+# test file -> the machine's busy CPU-seconds while its tests ran (every process's, Ray's too):
+# what a slower machine, or a CPU quota such as benchmarks/slow_machine.sh's, charges for it.
+MODULE_CPU: dict[str, float] = {}
+BUSY_AT_START: dict[str, float] = {}  # test id -> the machine's busy seconds when it started
+HAS_PROC_STAT = pathlib.Path("/proc/stat").exists()  # Linux
+
+
+def machine_busy_s() -> float:
+    total, idle = cpu_totals()
+    return (total - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def pytest_runtest_logstart(nodeid: str, location: object) -> None:
+    if HAS_PROC_STAT:
+        BUSY_AT_START[nodeid] = machine_busy_s()
+
+
+def pytest_runtest_logfinish(nodeid: str, location: object) -> None:
+    if nodeid in BUSY_AT_START:
+        module = nodeid.split("::")[0]
+        busy = machine_busy_s() - BUSY_AT_START.pop(nodeid)
+        MODULE_CPU[module] = MODULE_CPU.get(module, 0.0) + busy
 
 
 def pytest_runtest_logreport(report) -> None:
@@ -75,10 +98,16 @@ def pytest_runtest_logreport(report) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Under the result: where the time went, by test file, and on what machine, so that
-    every run's log (CI's included) can be held to the suite's 12-minute budget and the
-    simulated cluster's 3 minutes."""
+    """Under the result: where the time and the CPU went, by test file, and on what machine,
+    so that every run's log (CI's included) can be held to the suite's 12-minute budget and
+    the simulated cluster's 3 minutes. Under a CPU quota of q CPUs (benchmarks/slow_machine.sh)
+    a file takes at least its CPU-seconds / q (BENCHMARKS.md, "The suite's CPU")."""
     slowest = sorted(MODULE_SECONDS.items(), key=lambda kv: -kv[1])[:6]
     terminalreporter.write_line("slowest files: " + ", ".join(
-        f"{pathlib.Path(name).name} {seconds:.0f} s" for name, seconds in slowest))
+        f"{pathlib.Path(name).name} {seconds:.0f} s" + (
+            f" ({MODULE_CPU[name]:.0f} CPU-s)" if name in MODULE_CPU else "")
+        for name, seconds in slowest))
+    if MODULE_CPU:
+        terminalreporter.write_line(
+            f"CPU-seconds of the machine while tests ran: {sum(MODULE_CPU.values()):.0f}")
     terminalreporter.write_line(f"machine: {cpu_summary()}")
