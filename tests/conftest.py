@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # every 10 s. The demo's console test gives its own Ray the user's default back.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT / "benchmarks"))  # for the benchmarks' own machine description
+sys.path.append(str(ROOT / "benchmarks"))  # the benchmarks' machine description, /proc/stat
 from _common import cpu_summary  # noqa: E402
 from suite_idle import cpu_totals  # noqa: E402
 
