@@ -29,20 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from process_timeline import TICK, look  # noqa: E402
-from suite_idle import cpu_totals  # noqa: E402
+from process_timeline import look  # noqa: E402
+from suite_idle import machine_busy_s  # noqa: E402
 from test_multinode import CLUSTER_NODES, MlflowServer, SimulatedCluster  # noqa: E402
 
 # (a Ray agent renames itself: its command line becomes ray::DashboardAgent)
 KINDS = ["raylet/raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
          "dashboard/dashboard.py", "ray-dashboard-", "log_monitor", "monitor.py", "ray start",
          "mlflow server", "uvicorn", "client.server"]
-
-
-def machine_busy_s() -> float:
-    """CPU-seconds the whole machine has spent busy since boot (all but idle and iowait)."""
-    total, idle = cpu_totals()
-    return (total - idle) / TICK
 
 
 def cpu_by_kind() -> dict[int, tuple[str, float]]:

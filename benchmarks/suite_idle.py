@@ -63,6 +63,12 @@ def cpu_totals() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (all but idle and iowait)."""
+    total, idle = cpu_totals()
+    return (total - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class BusySampler(threading.Thread):
     """(time, share of all cores busy) every `period` seconds until stopped."""
 

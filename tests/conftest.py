@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "benchmarks"))  # the benchmarks' machine description, /proc/stat
 from _common import cpu_summary  # noqa: E402
-from suite_idle import cpu_totals  # noqa: E402
+from suite_idle import machine_busy_s  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +73,6 @@ MODULE_SECONDS: dict[str, float] = {}  # test file -> its tests' setup + call + 
 MODULE_CPU: dict[str, float] = {}
 BUSY_AT_START: dict[str, float] = {}  # test id -> the machine's busy seconds when it started
 HAS_PROC_STAT = pathlib.Path("/proc/stat").exists()  # Linux
-
-
-def machine_busy_s() -> float:
-    total, idle = cpu_totals()
-    return (total - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def pytest_runtest_logstart(nodeid: str, location: object) -> None:
