@@ -4,6 +4,7 @@ stores that start from an empty one made once, a run's metric by step."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing
 import os
@@ -171,7 +172,9 @@ def sqlite_uri(path: str | pathlib.Path) -> str:
     if not _EMPTY_STORE:
         from mlflow.tracking import MlflowClient
 
-        empty = pathlib.Path(tempfile.mkdtemp(prefix="micl-empty-store-")) / "mlflow.db"
+        folder = tempfile.mkdtemp(prefix="micl-empty-store-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # nothing left in /tmp
+        empty = pathlib.Path(folder) / "mlflow.db"
         MlflowClient(f"sqlite:///{empty}").search_experiments()  # runs the migrations
         _EMPTY_STORE.append(empty)
     if not path.exists():

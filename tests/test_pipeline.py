@@ -70,7 +70,9 @@ def check_checkpoint_loads(result, cfg, client: MlflowClient) -> None:
     fresh = MaskedViT.from_config(cfg.model).eval()
     fresh.load_state_dict({k.removeprefix("encoder."): v for k, v in state["model"].items()
                            if k.startswith("encoder.")})
-    local = client.download_artifacts(result.mlflow_run_id, "encoder/encoder_timm.pth")
+    # into the test's own directory: without a destination MLflow leaves a temp dir behind
+    local = client.download_artifacts(result.mlflow_run_id, "encoder/encoder_timm.pth",
+                                      cfg.run.storage_path)
     timm_model = load_timm_encoder(cfg.model, torch.load(local)).eval()
     x = torch.randn(3, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
     with torch.no_grad():
