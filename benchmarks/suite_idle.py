@@ -57,14 +57,17 @@ def pytest_runtest_logfinish(nodeid: str, location: object) -> None:
 
 
 def cpu_totals() -> tuple[int, int]:
-    """(all jiffies, idle + iowait jiffies) since boot, summed over every core."""
+    """(all jiffies, jiffies this machine's work did not use: idle, iowait and steal, the
+    hypervisor's time for other guests) since boot, summed over every core. The guest fields
+    after steal are already counted in user and nice."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    return sum(values), values[3] + values[4]
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return sum(values), values[3] + values[4] + sum(values[7:8])
 
 
 def machine_busy_s() -> float:
-    """CPU-seconds the whole machine has spent busy since boot (all but idle and iowait)."""
+    """CPU-seconds the whole machine's processes have used since boot (user, nice, system,
+    irq, softirq)."""
     total, idle = cpu_totals()
     return (total - idle) / os.sysconf("SC_CLK_TCK")
 
@@ -114,16 +117,20 @@ def report(rows: list[tuple[float, float, float, str]], top: int, by_cpu: bool =
     """The `top` tests with the most idle time, or with the most CPU (`by_cpu`): what a CPU
     quota, such as the emulated slowest machine's, makes slow."""
     cores = os.cpu_count() or 1
+
+    def cpu_s(row: tuple[float, float, float, str]) -> float:
+        return row[0] * row[2] * cores  # wall x busy share x cores
+
     wall, idle = sum(r[0] for r in rows), sum(r[1] for r in rows)
-    cpu = sum(w * busy * cores for w, _, busy, _ in rows)
+    cpu = sum(map(cpu_s, rows))
     lines = [f"{len(rows)} tests, {wall:.0f} s in tests, idle-equivalent {idle:.0f} s "
              f"(cores busy {1 - idle / max(wall, 1e-9):.0%} of the time), {cpu:.0f} CPU-s",
              "", "| test | wall s | cores busy | idle-equivalent s | CPU-s |",
              "| --- | --- | --- | --- | --- |"]
-    for w, i, busy, nodeid in sorted(rows, key=lambda r: -(r[0] * r[2] if by_cpu else r[1])
-                                     )[:top]:
+    for row in sorted(rows, key=lambda r: -(cpu_s(r) if by_cpu else r[1]))[:top]:
+        w, i, busy, nodeid = row
         lines.append(f"| `{nodeid.split('::', 1)[-1][:80]}` | {w:.1f} | {busy:.0%} | {i:.1f} | "
-                     f"{w * busy * cores:.1f} |")
+                     f"{cpu_s(row):.1f} |")
     return "\n".join(lines)
 
 

@@ -639,7 +639,8 @@ def test_a_run_survives_a_data_node_a_trainer_node_and_the_tracking_server(env, 
     # run.keep_last = 1: only the last epoch's checkpoint is kept on the shared storage. One
     # exception, stated in docs/reference.md: a kill within Ray Train's 2 s poll after a
     # report leaves that checkpoint to the storage fallback, and Ray Train never deletes it.
-    assert (kept := kept_epochs(env.shared / "runs" / "faults")) in ([EPOCHS], [1, EPOCHS]), kept
+    kept = kept_epochs(env.shared / "runs" / "faults")
+    assert kept in ([EPOCHS], [1, EPOCHS]), kept
     # What was uploaded: the code, not the virtualenv, the git history or local runs.
     shipped = uploaded(env)
     assert {"micl", "pipelines", "pyproject.toml"} <= shipped

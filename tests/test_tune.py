@@ -114,9 +114,7 @@ def test_asha_stops_poor_trials_early(search):
 def test_the_best_trial_beats_its_random_encoder(search):
     _, _, result, _ = search
     best = max(children(result), key=lambda c: c.data.metrics["knn_top1"])
-    history = MlflowClient(result.tracking_uri).get_metric_history(best.info.run_id,
-                                                                   "knn_top1")
-    by_step = {m.step: m.value for m in history}
+    by_step = metric_history(MlflowClient(result.tracking_uri), best.info.run_id, "knn_top1")
     assert by_step[max(by_step)] > by_step[0], by_step
 
 
