@@ -62,7 +62,7 @@ def cpu_totals() -> tuple[int, int]:
     after steal are already counted in user and nice."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:9]]
-    return sum(values), values[3] + values[4] + sum(values[7:8])
+    return sum(values), values[3] + values[4] + values[7]
 
 
 def machine_busy_s() -> float:
